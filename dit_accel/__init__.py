@@ -1,0 +1,1 @@
+"""dit_accel: step-aware sparse attention for DiT pipelines."""
