@@ -115,3 +115,53 @@ def block_sparse_attention(
     out = out.view(b, h, n_qb * block_m, dv)[:, :, :n].to(q.dtype)
     lse = lse.view(b, h, n_qb * block_m)[:, :, :n]
     return (out, lse) if return_lse else out
+
+
+def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Tensor:
+    """Mean of each block of ``block`` tokens of (B, H, N, D), float32 (B, H, ceil(N/block), D).
+
+    The ragged last block is averaged over its real tokens. ``smooth`` subtracts the mean over all tokens first
+    (SageAttention's smooth-K), which leaves a row-wise top-k unchanged but conditions pooled scores better.
+    """
+    b, h, n, d = x.shape
+    xf = x.float()
+    if smooth:
+        xf = xf - xf.mean(dim=2, keepdim=True)
+    n_blocks = math.ceil(n / block)
+    pad = n_blocks * block - n
+    sums = torch.nn.functional.pad(xf, (0, 0, 0, pad)).view(b, h, n_blocks, block, d).sum(dim=3)
+    counts = torch.full((n_blocks,), float(block), device=x.device)
+    counts[-1] = n - (n_blocks - 1) * block
+    return sums / counts[:, None]
+
+
+def lut_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A boolean block mask (B, H, n_q, n_k) as a LUT: ascending ``kv_indices`` (width n_k) and ``kv_counts``.
+
+    No host synchronisation: the LUT is as wide as the mask; entries past the count are padding.
+    """
+    n_k = mask.shape[-1]
+    cols = torch.arange(n_k, device=mask.device, dtype=torch.int32)
+    keyed = torch.where(mask, cols, cols + n_k)  # selected columns first, in ascending order
+    order = torch.sort(keyed, dim=-1).values
+    kv_indices = torch.where(order < n_k, order, order - n_k).to(torch.int32)
+    kv_counts = mask.sum(dim=-1, dtype=torch.int32)
+    return kv_indices.contiguous(), kv_counts
+
+
+def topk_mask(scores: torch.Tensor, k: int, *, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B, H, n_q, n_k): the ``forced`` blocks plus the highest-scoring others, ``k`` per row in all.
+
+    Rows keep at least their forced blocks even where those exceed ``k``.
+    """
+    n_k = scores.shape[-1]
+    k = max(0, min(int(k), n_k))
+    ranked = scores.float()
+    if forced is not None:
+        ranked = ranked.masked_fill(forced, float("inf"))
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask.scatter_(-1, torch.topk(ranked, k, dim=-1).indices, True)
+    if forced is not None:
+        mask |= forced
+    return mask
