@@ -13,7 +13,16 @@ import torch
 
 from . import reference
 
-__all__ = ["SUPPORTED_BLOCK_SIZES", "backend_for", "block_sparse_attention", "dense_attention", "reference"]
+__all__ = [
+    "SUPPORTED_BLOCK_SIZES",
+    "backend_for",
+    "block_sparse_attention",
+    "dense_attention",
+    "lut_from_mask",
+    "mean_pool",
+    "reference",
+    "topk_mask",
+]
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
 _BACKENDS = ("auto", "triton", "reference")
@@ -78,3 +87,18 @@ def block_sparse_attention(
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):
     """Full attention with its LSE: ``(out, lse)``; used by methods that need statistics of a dense step."""
     return reference.dense_attention(q, k, v, scale=scale)
+
+
+def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Tensor:
+    """Block means of (B, H, N, D) as float32 (B, H, ceil(N/block), D); see the reference for details."""
+    return reference.mean_pool(x, block, smooth=smooth)
+
+
+def lut_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A boolean block mask as ``(kv_indices, kv_counts)`` without host synchronisation."""
+    return reference.lut_from_mask(mask)
+
+
+def topk_mask(scores: torch.Tensor, k: int, *, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Forced blocks plus the highest-scoring others, ``k`` per row in all."""
+    return reference.topk_mask(scores, k, forced=forced)

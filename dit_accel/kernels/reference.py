@@ -18,7 +18,20 @@ import math
 
 import torch
 
-__all__ = ["block_sparse_attention", "dense_attention"]
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_attention_pair",
+    "dense_attention",
+    "inverse_permutation",
+    "lut_from_mask",
+    "mean_pool",
+    "permute_tokens",
+    "pooled_topk_lut",
+    "sparse_linear_attention",
+    "threshold_mask",
+    "topk_mask",
+    "unpermute_tokens",
+]
 
 _GATHER_BUDGET = 1 << 24  # elements of gathered keys per chunk (about 64 MB in fp32)
 
@@ -37,7 +50,9 @@ def _check_block_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n) -> Non
             f"got {tuple(kv_indices.shape)}"
         )
     if tuple(kv_counts.shape) != (b, h, n_qb):
-        raise ValueError(f"kv_counts must be (B, H, ceil(N/block_m)) = ({b}, {h}, {n_qb}); got {tuple(kv_counts.shape)}")
+        raise ValueError(
+            f"kv_counts must be (B, H, ceil(N/block_m)) = ({b}, {h}, {n_qb}); got {tuple(kv_counts.shape)}"
+        )
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):
@@ -66,8 +81,15 @@ def block_sparse_attention(
     block_n: int,
     scale: float | None = None,
     return_lse: bool = True,
+    return_mass: bool = False,
 ):
-    """Attention of each query block to its listed key blocks only, exact, in float32 internally."""
+    """Attention of each query block to its listed key blocks only, exact, in float32 internally.
+
+    With ``return_mass`` a float32 (B, H, ceil(N/block_m), max_blocks) tensor is appended to the result: for LUT
+    slot ``s`` of query block ``i``, the softmax probability its key block receives, averaged over the block's real
+    query rows (a non-empty row sums to 1 over its slots; slots past the count are 0). Methods use it to learn
+    which blocks carry the mass without an extra dense pass.
+    """
     _check_block_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)
     b, h, n, d = q.shape
     dv = v.shape[-1]
@@ -85,9 +107,11 @@ def block_sparse_attention(
 
     out = torch.zeros(b, h, n_qb, block_m, dv, device=q.device, dtype=torch.float32)
     lse = torch.full((b, h, n_qb, block_m), float("-inf"), device=q.device, dtype=torch.float32)
+    mass = torch.zeros(b, h, n_qb, max_blocks, device=q.device, dtype=torch.float32)
+    query_valid = (torch.arange(n_qb * block_m, device=q.device) < n).view(n_qb, block_m)
     if max_blocks == 0:
         out = out.view(b, h, -1, dv)[:, :, :n].to(q.dtype)
-        return (out, lse.view(b, h, -1)[:, :, :n]) if return_lse else out
+        return _pack(out, lse.view(b, h, -1)[:, :, :n], mass, return_lse, return_mass)
 
     slot = torch.arange(max_blocks, device=q.device)
     rows_per_chunk = max(1, _GATHER_BUDGET // max(1, b * h * max_blocks * block_n * max(d, dv)))
@@ -111,10 +135,112 @@ def block_sparse_attention(
         probs = torch.where(finite[..., None], probs, torch.zeros_like(probs))
         out[:, :, start:stop] = torch.matmul(probs, vg)
         lse[:, :, start:stop] = row_lse
+        if return_mass:
+            rows_ok = query_valid[start:stop].float()  # (R, block_m)
+            per_slot = probs.view(b, h, rows, block_m, max_blocks, block_n).sum(-1)  # (B, H, R, block_m, M)
+            mass[:, :, start:stop] = (per_slot * rows_ok[..., None]).sum(3) / rows_ok.sum(-1)[:, None]
 
     out = out.view(b, h, n_qb * block_m, dv)[:, :, :n].to(q.dtype)
     lse = lse.view(b, h, n_qb * block_m)[:, :, :n]
-    return (out, lse) if return_lse else out
+    return _pack(out, lse, mass, return_lse, return_mass)
+
+
+def _pack(out, lse, mass, return_lse: bool, return_mass: bool):
+    result = (out,) + ((lse,) if return_lse else ()) + ((mass,) if return_mass else ())
+    return result if len(result) > 1 else out
+
+
+def block_sparse_attention_pair(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o_sparse, lse_sparse, o_full, lse_full)``: the LUT-restricted and the full attention of one call.
+
+    Re-ttention's refresh steps need both to form rho = exp(lse_sparse - lse_full) and the residual; the Triton
+    version computes them in one pass over all key blocks, sharing the selected blocks' work.
+    """
+    o_sparse, lse_sparse = block_sparse_attention(
+        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale
+    )
+    o_full, lse_full = dense_attention(q, k, v, scale=scale)
+    return o_sparse, lse_sparse, o_full, lse_full
+
+
+def selected_block_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, n_k: int) -> torch.Tensor:
+    """The boolean (B, H, n_q, n_k) mask of the blocks a LUT selects (slots past the count ignored)."""
+    slot = torch.arange(kv_indices.shape[-1], device=kv_indices.device)
+    used = (slot < kv_counts[..., None]).to(torch.int32)
+    hits = torch.zeros(*kv_indices.shape[:-1], n_k, dtype=torch.int32, device=kv_indices.device)
+    hits.scatter_add_(-1, kv_indices.long().clamp(0, n_k - 1), used)
+    return hits > 0
+
+
+def feature_map_fn(x: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """phi of linear attention, over the last (head) dimension: ``"softmax"`` or ``"elu"`` (elu + 1), float32."""
+    if feature_map == "softmax":
+        return torch.softmax(x.float(), dim=-1)
+    if feature_map == "elu":
+        return torch.nn.functional.elu(x.float()) + 1.0
+    raise ValueError(f"feature_map={feature_map!r} is not supported; allowed: 'softmax', 'elu'")
+
+
+def sparse_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    negligible: torch.Tensor | None = None,
+    feature_map: str = "softmax",
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SLA: ``(o_sparse, o_linear, lse)``; ``o_sparse`` and ``lse`` are exactly :func:`block_sparse_attention`'s.
+
+    ``o_linear`` is linear attention phi(Q_i) S_i / (phi(Q_i) . Z_i) with S_i = sum_j phi(K_j)^T V_j and
+    Z_i = sum_j phi(K_j) over the *marginal* key blocks j of query block i: neither selected in the LUT nor marked
+    in ``negligible`` (bool (B, H, ceil(N/block_m), ceil(N/block_n)); None marks none). The tail tokens past N
+    never enter the sums. A query block without a marginal block gets ``o_linear = 0`` (nothing to approximate).
+    Computed directly over the marginal blocks here (the kernel subtracts from global sums instead).
+    """
+    o_sparse, lse = block_sparse_attention(
+        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale
+    )
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    n_qb, n_kb = math.ceil(n / block_m), math.ceil(n / block_n)
+    marginal = ~selected_block_mask(kv_indices, kv_counts, n_kb)
+    if negligible is not None:
+        if tuple(negligible.shape) != (b, h, n_qb, n_kb):
+            raise ValueError(
+                f"negligible must be (B, H, n_q, n_k) = {(b, h, n_qb, n_kb)}; got {tuple(negligible.shape)}"
+            )
+        marginal &= ~negligible.bool()
+    phi_k = feature_map_fn(k, feature_map)
+    pad_k = n_kb * block_n - n
+    phi_k = torch.nn.functional.pad(phi_k, (0, 0, 0, pad_k)).view(b, h, n_kb, block_n, d)  # padded rows are 0
+    vf = torch.nn.functional.pad(v.float(), (0, 0, 0, pad_k)).view(b, h, n_kb, block_n, dv)
+    s_blocks = torch.matmul(phi_k.transpose(-1, -2), vf).flatten(3)  # (B, H, n_kb, D*DV)
+    z_blocks = phi_k.sum(3)  # (B, H, n_kb, D)
+    s_rows = torch.matmul(marginal.float(), s_blocks).view(b, h, n_qb, d, dv)
+    z_rows = torch.matmul(marginal.float(), z_blocks)  # (B, H, n_qb, D)
+    pad_q = n_qb * block_m - n
+    phi_q = torch.nn.functional.pad(feature_map_fn(q, feature_map), (0, 0, 0, pad_q)).view(b, h, n_qb, block_m, d)
+    num = torch.matmul(phi_q, s_rows)  # (B, H, n_qb, block_m, DV)
+    den = (phi_q * z_rows[:, :, :, None, :]).sum(-1, keepdim=True)
+    has_marginal = marginal.any(-1)[..., None, None]
+    o_linear = torch.where(has_marginal, num / torch.where(has_marginal, den, torch.ones_like(den)), 0.0)
+    o_linear = o_linear.reshape(b, h, n_qb * block_m, dv)[:, :, :n].to(q.dtype)
+    return o_sparse, o_linear, lse
 
 
 def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Tensor:
@@ -165,3 +291,72 @@ def topk_mask(scores: torch.Tensor, k: int, *, forced: torch.Tensor | None = Non
     if forced is not None:
         mask |= forced
     return mask
+
+
+def threshold_mask(scores: torch.Tensor, tau: float, *, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B, H, n_q, n_k): per row the smallest set of highest-scoring blocks whose softmax mass reaches
+    ``tau``, plus the ``forced`` blocks (a cumulative threshold adapts the budget per row and head).
+
+    The softmax runs over all blocks of the row (forced ones included); ties are broken towards the lower index.
+    ``tau <= 0`` keeps only the forced blocks, ``tau >= 1`` keeps every block. Rows need one finite score.
+    """
+    tau = float(tau)
+    if tau >= 1.0:
+        mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    elif tau <= 0.0:
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1)
+        ranked, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        before = torch.cumsum(ranked, dim=-1) - ranked
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        mask.scatter_(-1, order, before < tau)
+    if forced is not None:
+        mask |= forced
+    return mask
+
+
+def pooled_scores(
+    q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, *, smooth_k: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """Block scores (B, H, ceil(N/block_m), ceil(N/block_n)) float32: mean-pooled Q times mean-pooled K, scaled."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    pq = mean_pool(q, block_m)
+    pk = mean_pool(k, block_n, smooth=smooth_k)
+    return torch.matmul(pq, pk.transpose(-1, -2)) * scale
+
+
+def pooled_topk_lut(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    k_blocks: int,
+    *,
+    forced: torch.Tensor | None = None,
+    smooth_k: bool = True,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SLA/VSA-style prediction: pooled scores, top ``k_blocks`` per query block (plus ``forced``), as a LUT.
+
+    Returns ``(kv_indices, kv_counts)`` exactly as :func:`lut_from_mask` of :func:`topk_mask` of the pooled scores.
+    """
+    scores = pooled_scores(q, k, block_m, block_n, smooth_k=smooth_k, scale=scale)
+    return lut_from_mask(topk_mask(scores, k_blocks, forced=forced))
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i``, on the device of ``perm`` (no host sync)."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return inv
+
+
+def permute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Tokens of (B, H, N, D) reordered: ``out[:, :, i] = x[:, :, perm[i]]`` (e.g. raster order to 3D tiles)."""
+    return x.index_select(2, perm.to(device=x.device, dtype=torch.long))
+
+
+def unpermute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`permute_tokens` with the same ``perm``: ``out[:, :, perm[i]] = x[:, :, i]``."""
+    return permute_tokens(x, inverse_permutation(perm.to(device=x.device, dtype=torch.long)))

@@ -1,0 +1,129 @@
+"""``accelerate(pipe)``: install step-aware sparse attention on a diffusers pipeline, and take it off again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import AccelConfig, resolve_config
+from .kernels import backend_for
+from .pipelines.families import find_family
+from .runtime import Accelerator, SiteStats
+
+__all__ = ["AccelHandle", "accelerate"]
+
+_ATTR = "_dit_accel_accelerator"
+
+
+class AccelHandle:
+    """What :func:`accelerate` installed. ``remove()`` undoes it; usable as a context manager."""
+
+    def __init__(self, config: AccelConfig, accelerators: dict[str, Accelerator]) -> None:
+        self.config = config
+        self._accelerators = accelerators
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def active(self) -> bool:
+        return any(acc.installed for acc in self._accelerators.values())
+
+    def remove(self) -> None:
+        """Remove every hook; afterwards the pipeline computes exactly as if never accelerated."""
+        for acc in self._accelerators.values():
+            acc.remove()
+            if getattr(acc.transformer, _ATTR, None) is acc:
+                delattr(acc.transformer, _ATTR)
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-serialisable counters: per site and overall dense/sparse calls, reasons, density, cache bytes."""
+        overall = SiteStats()
+        sites: dict[str, Any] = {}
+        cache_total = 0
+        families = {}
+        for component, acc in self._accelerators.items():
+            families[component] = acc.family.name
+            for site in acc.sites:
+                overall.add(site.stats)
+                cache = site.cache_bytes()
+                cache_total += cache
+                sites[f"{component}.{site.name}"] = site.stats.as_dict(cache)
+        device = next(iter(self._accelerators.values())).transformer
+        param = next(device.parameters(), None)
+        return {
+            "method": self.config.method,
+            "config": self.config.to_dict(),
+            "families": families,
+            "kernel_backend": backend_for(param.device if param is not None else "cpu"),
+            "overall": overall.as_dict(cache_total),
+            "sites": sites,
+        }
+
+    def __enter__(self) -> AccelHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{name}={acc.family.name}" for name, acc in self._accelerators.items())
+        return f"AccelHandle(method={self.config.method!r}, {parts}, active={self.active})"
+
+
+def _find_transformers(pipe: Any) -> dict[str, torch.nn.Module]:
+    if isinstance(pipe, torch.nn.Module):
+        return {"transformer": pipe} if find_family(pipe) is not None else {}
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        return {}
+    return {
+        name: comp
+        for name, comp in components.items()
+        if isinstance(comp, torch.nn.Module) and find_family(comp) is not None
+    }
+
+
+def accelerate(
+    pipe: Any, method: str | None = None, *, config: AccelConfig | None = None, **options: Any
+) -> AccelHandle:
+    """Replace dense self-attention in ``pipe`` with step-aware sparse attention.
+
+    Args:
+        pipe: a diffusers pipeline, or a bare transformer (then pass ``num_steps`` for step-based schedules).
+        method: a name from ``dit_accel.METHODS``; None uses the project's default preset.
+        config: a base :class:`AccelConfig`; ``options`` override its fields.
+        **options: any :class:`AccelConfig` field, such as ``sparsity=0.9`` or ``dense_layers="0,1"``.
+
+    Calling it again on an accelerated pipeline replaces the earlier installation (its handle goes inactive).
+    Instance-scoped: only this pipeline's modules get hooks, and ``handle.remove()`` takes them all off.
+    """
+    cfg = resolve_config(method, config, **options)
+    transformers = _find_transformers(pipe)
+    if not transformers:
+        from .pipelines.families import FAMILIES
+
+        supported = ", ".join(c for fam in FAMILIES for c in fam.classes)
+        raise TypeError(
+            f"accelerate(pipe=...) found no supported transformer in {type(pipe).__name__}; "
+            f"supported transformer classes: {supported}"
+        )
+    scheduler = getattr(pipe, "scheduler", None)
+    accelerators: dict[str, Accelerator] = {}
+    for name, transformer in transformers.items():
+        previous = getattr(transformer, _ATTR, None)
+        if previous is not None:
+            previous.remove()
+        acc = Accelerator(transformer, find_family(transformer), cfg, scheduler=scheduler)
+        try:
+            acc.install()
+        except Exception:
+            acc.remove()
+            for done in accelerators.values():
+                done.remove()
+            raise
+        setattr(transformer, _ATTR, acc)
+        accelerators[name] = acc
+    return AccelHandle(cfg, accelerators)

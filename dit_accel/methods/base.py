@@ -1,0 +1,56 @@
+"""What a method sees at an attention site, and the interface every method implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import AccelConfig
+from ..layout import TokenLayout
+from ..state import DenoiseState
+
+__all__ = ["Method", "SiteCall", "SparseResult"]
+
+
+@dataclass
+class SparseResult:
+    """A method's output plus what stats should record about the call."""
+
+    out: torch.Tensor
+    density: torch.Tensor | float  # achieved block density over all query blocks
+    video_density: torch.Tensor | float | None = None  # over query blocks holding no text
+    kind: str = "sparse"  # "sparse", or "refresh" when the method computed full attention for statistics
+
+
+@dataclass
+class SiteCall:
+    """One self-attention call: inputs in the kernel layout (B, H, N, D) and the context around it."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float | None
+    config: AccelConfig
+    state: DenoiseState
+    layout: TokenLayout | None
+    site_index: int
+    site_name: str
+    cache: dict[str, Any] = field(default_factory=dict)  # per site and CFG branch, reset per generation
+
+
+class Method:
+    """A sparse attention method. ``attend`` returns None to ask for the dense path (with ``dense_reason``)."""
+
+    name = "base"
+
+    def __init__(self, config: AccelConfig) -> None:
+        self.config = config
+
+    def dense_reason(self, call: SiteCall) -> str | None:
+        """Why this call should stay dense (schedule decisions), or None to run :meth:`attend`."""
+        return None
+
+    def attend(self, call: SiteCall) -> SparseResult:
+        raise NotImplementedError

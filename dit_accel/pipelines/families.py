@@ -1,0 +1,166 @@
+"""Model-family adapters: which modules are self-attention sites and how tokens are laid out.
+
+Each family names its self-attention modules (cross-attention is never touched), reads the latent grid from
+the transformer's forward arguments, and says where text tokens sit in joint attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..layout import TokenLayout
+
+__all__ = ["FAMILIES", "Family", "find_family"]
+
+GridFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[int, int, int] | None]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one diffusers transformer class is accelerated.
+
+    Attributes:
+        name: short name shown in stats and docs.
+        classes: transformer class names it handles.
+        site_pattern: regex over ``named_modules()`` names selecting the self-attention modules.
+        grid: latent grid (frames, rows, cols) after patchify, from the forward's bound arguments.
+        text_first: joint-attention text position; None when self-attention holds no text.
+        timestep_scale: multiply the forward's timestep by this to compare with ``scheduler.timesteps``.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    site_pattern: str
+    grid: GridFn
+    text_first: bool | None = None
+    timestep_scale: float = 1.0
+
+    def sites(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        pattern = re.compile(self.site_pattern)
+        return [(name, mod) for name, mod in transformer.named_modules() if pattern.fullmatch(name)]
+
+    def bind(self, transformer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        forward = type(transformer).forward
+        try:
+            return dict(inspect.signature(forward).bind_partial(transformer, *args, **kwargs).arguments)
+        except TypeError:
+            return dict(kwargs)
+
+    def layout(self, transformer: torch.nn.Module, bound: dict[str, Any]) -> TokenLayout | None:
+        grid = self.grid(transformer, bound)
+        if grid is None:
+            return None
+        text = 0
+        if self.text_first is not None:
+            ehs = bound.get("encoder_hidden_states")
+            text = int(ehs.shape[1]) if isinstance(ehs, torch.Tensor) else 0
+        return TokenLayout(grid=grid, text_tokens=text, text_first=bool(self.text_first))
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[-1])
+    return int(value), int(value)
+
+
+def _wan_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int] | None:
+    hs = bound.get("hidden_states")
+    if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
+        return None
+    pt, ph, pw = model.config.patch_size
+    return hs.shape[2] // pt, hs.shape[3] // ph, hs.shape[4] // pw
+
+
+def _cogvideox_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int] | None:
+    hs = bound.get("hidden_states")
+    if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
+        return None
+    p = model.config.patch_size
+    pt = model.config.patch_size_t or 1
+    frames = (hs.shape[1] + pt - 1) // pt
+    return frames, hs.shape[3] // p, hs.shape[4] // p
+
+
+def _hunyuan_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int] | None:
+    hs = bound.get("hidden_states")
+    if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
+        return None
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    return hs.shape[2] // pt, hs.shape[3] // p, hs.shape[4] // p
+
+
+def _ltx_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int] | None:
+    f, h, w = bound.get("num_frames"), bound.get("height"), bound.get("width")
+    hs = bound.get("hidden_states")
+    if None in (f, h, w) or not isinstance(hs, torch.Tensor):
+        return None
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    grid = (int(f), int(h), int(w))
+    if grid[0] * grid[1] * grid[2] != hs.shape[1]:
+        grid = (int(f) // pt, int(h) // p, int(w) // p)
+    return grid
+
+
+def _pixart_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int] | None:
+    hs = bound.get("hidden_states")
+    if not isinstance(hs, torch.Tensor) or hs.dim() != 4:
+        return None
+    p = model.config.patch_size
+    return 1, hs.shape[2] // p, hs.shape[3] // p
+
+
+def _flux_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int] | None:
+    ids = bound.get("img_ids")
+    hs = bound.get("hidden_states")
+    if not isinstance(ids, torch.Tensor) or not isinstance(hs, torch.Tensor):
+        return None
+    ids = ids[0] if ids.dim() == 3 else ids
+    rows = int(ids[:, 1].max().item()) + 1 - int(ids[:, 1].min().item())
+    cols = int(ids[:, 2].max().item()) + 1 - int(ids[:, 2].min().item())
+    if rows * cols != hs.shape[1]:
+        return 1, 1, int(hs.shape[1])
+    return 1, rows, cols
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("wan", ("WanTransformer3DModel", "WanVACETransformer3DModel"), r"blocks\.\d+\.attn1", _wan_grid),
+    Family(
+        "cogvideox",
+        ("CogVideoXTransformer3DModel",),
+        r"transformer_blocks\.\d+\.attn1",
+        _cogvideox_grid,
+        text_first=True,
+    ),
+    Family(
+        "hunyuan_video",
+        ("HunyuanVideoTransformer3DModel",),
+        r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn",
+        _hunyuan_grid,
+        text_first=False,
+    ),
+    Family("ltx_video", ("LTXVideoTransformer3DModel",), r"transformer_blocks\.\d+\.attn1", _ltx_grid),
+    Family("pixart", ("PixArtTransformer2DModel",), r"transformer_blocks\.\d+\.attn1", _pixart_grid),
+    Family(
+        "flux",
+        ("FluxTransformer2DModel",),
+        r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn",
+        _flux_grid,
+        text_first=True,
+        timestep_scale=1000.0,
+    ),
+)
+
+
+def find_family(transformer: Any) -> Family | None:
+    """The family adapter for a transformer instance (by class name along its MRO), or None."""
+    names = {cls.__name__ for cls in type(transformer).__mro__}
+    for family in FAMILIES:
+        if names.intersection(family.classes):
+            return family
+    return None

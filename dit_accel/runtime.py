@@ -1,0 +1,297 @@
+"""The installed machinery: a state hook on each transformer and an interceptor at each self-attention site.
+
+The transformer hook fills the denoising state before every forward. Each site hook runs the attention
+module's own forward (projections, RoPE, QK-norm, LoRA stay stock) under a ``TorchFunctionMode`` that catches
+its ``scaled_dot_product_attention`` call, so the same code serves processors that call SDPA directly
+(CogVideoX, PixArt) and those going through diffusers' dispatcher with the native backend (Wan, LTX, Flux,
+HunyuanVideo). Everything is per instance and removed by :meth:`Accelerator.remove`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+from torch.overrides import TorchFunctionMode
+
+from .config import AccelConfig
+from .methods import Method, SiteCall, SparseResult, build_method
+from .pipelines.families import Family
+from .state import StepTracker
+
+__all__ = ["Accelerator", "SiteStats"]
+
+STATE_HOOK = "dit_accel.state"
+SITE_HOOK = "dit_accel.site"
+
+
+@dataclass
+class SiteStats:
+    """Counters of one attention site. Densities are kept as sums (tensors) and read out in ``as_dict``."""
+
+    dense_calls: int = 0
+    sparse_calls: int = 0
+    refresh_calls: int = 0
+    dense_reasons: Counter = field(default_factory=Counter)
+    density_sum: Any = 0.0
+    video_density_sum: Any = 0.0
+    video_density_calls: int = 0
+
+    def add(self, other: SiteStats) -> None:
+        self.dense_calls += other.dense_calls
+        self.sparse_calls += other.sparse_calls
+        self.refresh_calls += other.refresh_calls
+        self.dense_reasons.update(other.dense_reasons)
+        self.density_sum = self.density_sum + other.density_sum
+        self.video_density_sum = self.video_density_sum + other.video_density_sum
+        self.video_density_calls += other.video_density_calls
+
+    def as_dict(self, cache_bytes: int) -> dict[str, Any]:
+        measured = self.sparse_calls + self.refresh_calls
+        density = float(self.density_sum) / measured if measured else None
+        video = float(self.video_density_sum) / self.video_density_calls if self.video_density_calls else None
+        return {
+            "dense_calls": self.dense_calls,
+            "sparse_calls": self.sparse_calls,
+            "refresh_calls": self.refresh_calls,
+            "dense_reasons": dict(self.dense_reasons),
+            "block_density": density,
+            "video_block_density": video,
+            "cache_bytes": cache_bytes,
+        }
+
+
+class _ContextState(BaseState):
+    """Placeholder state: the manager only exists so diffusers' ``cache_context`` reaches this hook."""
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _StateHook(ModelHook):
+    """Sets the denoising state before each transformer forward; reset at the end of each pipeline call."""
+
+    _is_stateful = True
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        super().__init__()
+        self.accelerator = accelerator
+        self.context = StateManager(_ContextState)
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        self.accelerator.begin_forward(module, args, kwargs, self.context._context)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        self.accelerator.tracker.end()
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.accelerator.new_generation()
+        return module
+
+
+class _SDPAInterceptor(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` calls made inside one attention module to its site."""
+
+    def __init__(self, site: _Site) -> None:
+        super().__init__()
+        self.site = site
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self.site.attention(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+class _SiteHook(ModelHook):
+    def __init__(self, site: _Site) -> None:
+        super().__init__()
+        self.site = site
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with _SDPAInterceptor(self.site):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class _Site:
+    """One self-attention module: decides dense or sparse per call and keeps per-branch caches."""
+
+    def __init__(self, accelerator: Accelerator, index: int, name: str, module: torch.nn.Module) -> None:
+        self.accelerator = accelerator
+        self.index = index
+        self.name = name
+        self.module = module
+        self.stats = SiteStats()
+        self.caches: dict[str, dict[str, Any]] = {}
+
+    def cache_bytes(self) -> int:
+        total = 0
+        for cache in self.caches.values():
+            for value in cache.values():
+                if isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+        return total
+
+    def _dense(self, func, args, kwargs, reason: str):
+        self.stats.dense_calls += 1
+        self.stats.dense_reasons[reason] += 1
+        return func(*args, **kwargs)
+
+    @torch.compiler.disable
+    def attention(self, func, args: tuple, kwargs: dict[str, Any]):
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        q, k, v = bound["query"], bound["key"], bound["value"]
+        acc = self.accelerator
+        state = acc.tracker.state
+        config = acc.config
+        reason = self._input_reason(q, k, v, bound)
+        if reason is None and not state.active:
+            reason = "outside_forward"
+        if reason is None and q.shape[-2] < config.min_tokens:
+            reason = "min_tokens"
+        if reason is None and self.index in config.dense_layers:
+            reason = "dense_layer"
+        if reason is None and state.step < config.dense_step_count(state.num_steps):
+            reason = "dense_step"
+        layout = state.layout
+        if layout is not None and layout.total_tokens != q.shape[-2]:
+            layout = None
+        call = None
+        if reason is None:
+            call = SiteCall(
+                q=q,
+                k=k,
+                v=v,
+                scale=bound.get("scale"),
+                config=config,
+                state=state,
+                layout=layout,
+                site_index=self.index,
+                site_name=self.name,
+                cache=self.caches.setdefault(state.branch, {}),
+            )
+            reason = acc.method.dense_reason(call)
+        if reason is not None:
+            return self._dense(func, args, kwargs, reason)
+        result: SparseResult = acc.method.attend(call)
+        self._record(result)
+        return result.out.to(q.dtype)
+
+    def _record(self, result: SparseResult) -> None:
+        if result.kind == "refresh":
+            self.stats.refresh_calls += 1
+        else:
+            self.stats.sparse_calls += 1
+        density = result.density.detach() if isinstance(result.density, torch.Tensor) else result.density
+        self.stats.density_sum = self.stats.density_sum + density
+        if result.video_density is not None:
+            vd = result.video_density
+            self.stats.video_density_sum = self.stats.video_density_sum + (
+                vd.detach() if isinstance(vd, torch.Tensor) else vd
+            )
+            self.stats.video_density_calls += 1
+
+    @staticmethod
+    def _input_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bound: dict[str, Any]) -> str | None:
+        if q.dim() != 4 or k.dim() != 4:
+            return "layout"
+        if q.shape[-2] != k.shape[-2]:
+            return "cross_attention"
+        if q.shape[1] != k.shape[1] or bound.get("enable_gqa"):
+            return "gqa"
+        if bound.get("is_causal"):
+            return "causal"
+        if bound.get("dropout_p", 0.0):
+            return "dropout"
+        mask = bound.get("attn_mask")
+        if mask is not None and not (mask.dtype == torch.bool and bool(mask.all())):
+            return "attn_mask"
+        return None
+
+
+class Accelerator:
+    """Everything installed on one transformer, and how to take it off again."""
+
+    def __init__(self, transformer: torch.nn.Module, family: Family, config: AccelConfig, scheduler: Any = None):
+        self.transformer = transformer
+        self.family = family
+        self.config = config
+        self.method: Method = build_method(config)
+        self.tracker = StepTracker(scheduler=scheduler, num_steps_hint=config.num_steps)
+        self.sites: list[_Site] = []
+        self._installed = False
+
+    def install(self) -> None:
+        sites = self.family.sites(self.transformer)
+        if not sites:
+            raise ValueError(
+                f"{type(self.transformer).__name__} has no self-attention modules matching the {self.family.name} "
+                "family's pattern; is this a modified model?"
+            )
+        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        registry.register_hook(_StateHook(self), STATE_HOOK)
+        for index, (name, module) in enumerate(sites):
+            site = _Site(self, index, name, module)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_SiteHook(site), SITE_HOOK)
+            self.sites.append(site)
+        self._installed = True
+
+    def remove(self) -> None:
+        if not self._installed:
+            return
+        for site in self.sites:
+            HookRegistry.check_if_exists_or_initialize(site.module).remove_hook(SITE_HOOK, recurse=False)
+            site.caches.clear()
+        HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(STATE_HOOK, recurse=False)
+        self._installed = False
+
+    @property
+    def installed(self) -> bool:
+        return self._installed
+
+    @torch.compiler.disable
+    def begin_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], context: Any) -> None:
+        bound = self.family.bind(module, args, kwargs)
+        layout = self.family.layout(module, bound)
+        timestep = bound.get("timestep")
+        if isinstance(timestep, torch.Tensor) and self.family.timestep_scale != 1.0:
+            timestep = timestep * self.family.timestep_scale
+        elif timestep is not None and not isinstance(timestep, torch.Tensor):
+            timestep = float(timestep) * self.family.timestep_scale
+        generation = self.tracker.state.generation
+        self.tracker.begin(timestep, context, layout)
+        if self.tracker.state.generation != generation:
+            self._clear_caches()
+
+    def new_generation(self) -> None:
+        self.tracker.new_generation()
+        self._clear_caches()
+
+    def _clear_caches(self) -> None:
+        for site in self.sites:
+            site.caches.clear()
+
+    def stats(self) -> dict[str, Any]:
+        overall = SiteStats()
+        sites = {}
+        total_cache = 0
+        for site in self.sites:
+            overall.add(site.stats)
+            cache = site.cache_bytes()
+            total_cache += cache
+            sites[site.name] = site.stats.as_dict(cache)
+        return {
+            "family": self.family.name,
+            "transformer": type(self.transformer).__name__,
+            "overall": overall.as_dict(total_cache),
+            "sites": sites,
+        }

@@ -1,0 +1,110 @@
+"""Denoising state: which step, which CFG branch, which generation, and the token layout of this forward.
+
+A diffusers ``ModelHook`` on each transformer fills it before every forward. The step comes from the cache
+context diffusers pipelines open around each call (``cache_context("cond", step_index=i, ...)``) when it
+carries one, otherwise from matching the ``timestep`` argument against the scheduler's timesteps
+(``scheduler.step_index`` is still None on the first forward), otherwise from counting distinct timesteps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .layout import TokenLayout
+
+__all__ = ["DenoiseState", "StepTracker"]
+
+
+@dataclass
+class DenoiseState:
+    """Where the current transformer forward sits in the denoising loop."""
+
+    step: int = 0
+    num_steps: int | None = None
+    branch: str = "pass0"
+    generation: int = 0
+    timestep: float | None = None
+    layout: TokenLayout | None = None
+    active: bool = False
+
+
+@dataclass
+class StepTracker:
+    """Turns the signals of one forward (cache context, timestep) into a step index and a branch."""
+
+    scheduler: Any = None
+    num_steps_hint: int | None = None
+    state: DenoiseState = field(default_factory=DenoiseState)
+    _last_timestep: float | None = None
+    _calls_this_step: int = 0
+    _last_step: int = -1
+    _fresh: bool = True
+
+    def new_generation(self) -> None:
+        """Forget the step position; the next forward starts a new generation."""
+        self.state.generation += 0 if self._fresh else 1
+        self._fresh = True
+        self._last_timestep = None
+        self._calls_this_step = 0
+        self._last_step = -1
+
+    def begin(self, timestep: torch.Tensor | float | None, context: Any, layout: TokenLayout | None) -> DenoiseState:
+        """Update and return the state for a forward about to run."""
+        t = _timestep_value(timestep)
+        step, num_steps = None, None
+        ctx_step = getattr(context, "step_index", None)
+        if ctx_step is not None:
+            step = int(ctx_step)
+            num_steps = getattr(context, "num_inference_steps", None)
+        elif t is not None and self._scheduler_timesteps() is not None:
+            timesteps = self._scheduler_timesteps()
+            step = int(torch.argmin((timesteps.float().cpu() - t).abs()).item())
+            num_steps = len(timesteps)
+        if step is None:  # bare transformer: count distinct timesteps
+            if self._last_timestep is not None and t is not None and t > self._last_timestep + 1e-6:
+                self.new_generation()
+            if self._last_timestep is None or t is None or abs(t - self._last_timestep) > 1e-6:
+                step = self._last_step + 1
+            else:
+                step = self._last_step
+        elif step < self._last_step:
+            self.new_generation()
+        if num_steps is None:
+            num_steps = self.num_steps_hint
+
+        self._calls_this_step = self._calls_this_step + 1 if step == self._last_step else 0
+        name = getattr(context, "name", None) if context is not None else None
+        branch = str(name) if name else f"pass{self._calls_this_step}"
+        self._last_step = step
+        self._last_timestep = t
+        self._fresh = False
+        self.state.step = step
+        self.state.num_steps = int(num_steps) if num_steps is not None else None
+        self.state.branch = branch
+        self.state.timestep = t
+        self.state.layout = layout
+        self.state.active = True
+        return self.state
+
+    def end(self) -> None:
+        self.state.active = False
+
+    def _scheduler_timesteps(self) -> torch.Tensor | None:
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if isinstance(timesteps, torch.Tensor) and timesteps.numel() > 0:
+            return timesteps
+        return None
+
+
+def _timestep_value(timestep: torch.Tensor | float | None) -> float | None:
+    """One number per forward: the largest timestep (Wan2.2 TI2V passes one per token)."""
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() == 0:
+            return None
+        return float(timestep.detach().float().max().item())
+    return float(timestep)

@@ -1,0 +1,349 @@
+"""Tiny random-weight diffusers pipelines, built offline from configs (no text encoder, no hub).
+
+Used by the tests and by ``dit-accel render --model tiny-wan``. Each builder returns the pipeline and the call
+arguments (``prompt_embeds`` and friends instead of prompts), sized so self-attention sees several hundred tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["TINY_FAMILIES", "tiny_pipeline"]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _embeds(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(seed))
+
+
+def _wan(seed: int, image_to_video: bool = False) -> tuple[Any, dict[str, Any]]:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=36 if image_to_video else 16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    kwargs: dict[str, Any] = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 32),
+        negative_prompt_embeds=_embeds(seed + 2, 1, 16, 32),
+        height=256,
+        width=256,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        output_type="latent",
+    )
+    if image_to_video:
+        from diffusers import WanImageToVideoPipeline
+
+        pipe = WanImageToVideoPipeline(
+            tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=transformer
+        )
+        kwargs["image"] = torch.rand(1, 3, 256, 256, generator=_gen(seed + 3))
+    else:
+        from diffusers import WanPipeline
+
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=transformer)
+    return pipe, kwargs
+
+
+def _wan_i2v(seed: int) -> tuple[Any, dict[str, Any]]:
+    return _wan(seed, image_to_video=True)
+
+
+def _cogvideox(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler
+
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=32,
+        sample_height=32,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+    )
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    pipe = CogVideoXPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=DDIMScheduler()
+    )
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 32),
+        negative_prompt_embeds=_embeds(seed + 2, 1, 16, 32),
+        height=256,
+        width=256,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
+def _hunyuan_video(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6),
+    )
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    pipe = HunyuanVideoPipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 16),
+        pooled_prompt_embeds=_embeds(seed + 2, 1, 8),
+        prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        height=128,
+        width=128,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
+def _ltx_video(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        cross_attention_dim=32,
+        num_layers=2,
+        caption_channels=32,
+    )
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    pipe = LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 32),
+        prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        negative_prompt_embeds=_embeds(seed + 2, 1, 16, 32),
+        negative_prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        height=64,
+        width=64,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
+def _pixart(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=32,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4)
+    pipe = PixArtSigmaPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=DDIMScheduler()
+    )
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 32),
+        prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        negative_prompt=None,
+        negative_prompt_embeds=_embeds(seed + 2, 1, 16, 32),
+        negative_prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        use_resolution_binning=False,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
+def _flux(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 32),
+        pooled_prompt_embeds=_embeds(seed + 2, 1, 32),
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=3.5,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
+TINY_FAMILIES: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
+    "wan": _wan,
+    "wan_i2v": _wan_i2v,
+    "cogvideox": _cogvideox,
+    "hunyuan_video": _hunyuan_video,
+    "ltx_video": _ltx_video,
+    "pixart": _pixart,
+    "flux": _flux,
+}
+
+
+def tiny_pipeline(family: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """A tiny random-weight pipeline of ``family`` and the keyword arguments to call it with."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family={family!r} is unknown; available: {', '.join(TINY_FAMILIES)}")
+    pipe, kwargs = TINY_FAMILIES[family](seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, kwargs

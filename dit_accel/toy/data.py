@@ -1,0 +1,380 @@
+"""Procedural captioned videos for the toy model: shapes that move, grow or spin over simple backgrounds.
+
+Everything is defined in pixel units (object radius, speed in px/frame) so that a clip rendered at 32x32 and one at
+64x64 have objects of the same size in tokens; that is what lets training spend most steps at a low resolution and
+still render well at the full one. Every sample is a pure function of ``(seed, index)`` and its caption describes
+exactly what is drawn (tests segment the colour and track the centroid).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.92, 0.16, 0.14),
+    "green": (0.16, 0.84, 0.22),
+    "blue": (0.18, 0.34, 1.00),
+    "yellow": (0.96, 0.90, 0.14),
+    "cyan": (0.14, 0.86, 0.90),
+    "magenta": (0.90, 0.18, 0.86),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "ring")
+DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
+MOTIONS: tuple[str, ...] = DIRECTIONS + ("curve", "grows", "rotates")
+BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "striped", "checkered")
+# Muted, near-grey tones: saturation stays far below the object palette, so colour segmentation is trivial.
+BG_TONES: tuple[tuple[float, float, float], ...] = (
+    (0.10, 0.10, 0.12),
+    (0.16, 0.15, 0.14),
+    (0.22, 0.22, 0.24),
+    (0.30, 0.29, 0.28),
+    (0.38, 0.38, 0.40),
+    (0.46, 0.45, 0.44),
+)
+# Unit vectors in image coordinates (x right, y down).
+DIR_VEC: dict[str, tuple[float, float]] = {
+    "left": (-1.0, 0.0),
+    "right": (1.0, 0.0),
+    "up": (0.0, -1.0),
+    "down": (0.0, 1.0),
+}
+_ROTATABLE = ("square", "triangle")
+
+# (colour, shape, direction) triples that never appear in training, so evaluation measures composition, not recall.
+# Each colour and each direction keeps its other shapes in training; each shape is held out three times.
+HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ("red", "square", "left"),
+        ("red", "ring", "down"),
+        ("green", "circle", "right"),
+        ("green", "triangle", "up"),
+        ("blue", "triangle", "left"),
+        ("blue", "square", "down"),
+        ("yellow", "ring", "up"),
+        ("yellow", "circle", "left"),
+        ("cyan", "square", "right"),
+        ("cyan", "ring", "left"),
+        ("magenta", "triangle", "down"),
+        ("magenta", "circle", "up"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """One object: what it is, how it moves, and its frame-space trajectory parameters."""
+
+    color: str
+    shape: str
+    motion: str
+    x0: float
+    y0: float
+    radius: float
+    speed: float = 0.0  # px/frame for linear motion, rad/frame for curve and rotation
+    angle0: float = 0.0
+    arc_radius: float = 0.0  # curve: radius of the circular path
+    arc_cx: float = 0.0
+    arc_cy: float = 0.0
+    growth: float = 1.0  # grows: final radius / initial radius
+
+    def state(self, t: int, frames: int) -> tuple[float, float, float, float]:
+        """World position, radius and rotation angle at frame ``t`` (world equals frame at ``t = 0``)."""
+        x, y, r, a = self.x0, self.y0, self.radius, self.angle0
+        if self.motion in DIR_VEC:
+            dx, dy = DIR_VEC[self.motion]
+            x, y = x + dx * self.speed * t, y + dy * self.speed * t
+        elif self.motion == "curve":
+            phi = self.angle0 + self.speed * t
+            x, y = self.arc_cx + self.arc_radius * math.cos(phi), self.arc_cy + self.arc_radius * math.sin(phi)
+            a = 0.0
+        elif self.motion == "grows":
+            r = self.radius * (1.0 + (self.growth - 1.0) * t / max(frames - 1, 1))
+        elif self.motion == "rotates":
+            a = self.angle0 + self.speed * t
+        return x, y, r, a
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """A whole clip: size, background, camera pan and objects (back to front)."""
+
+    frames: int
+    height: int
+    width: int
+    background: str
+    bg_colors: tuple[tuple[float, float, float], tuple[float, float, float]]
+    bg_param: tuple[float, ...]  # gradient: (dx, dy); striped: (vertical, period); checkered: (cell,)
+    pan: str | None
+    pan_speed: float
+    objects: tuple[ObjectSpec, ...] = field(default_factory=tuple)
+
+    def camera_offset(self, t: int) -> tuple[float, float]:
+        """Camera position at frame ``t`` (the view moves this way, so content moves the other way)."""
+        if self.pan is None:
+            return 0.0, 0.0
+        dx, dy = DIR_VEC[self.pan]
+        return dx * self.pan_speed * t, dy * self.pan_speed * t
+
+
+def caption(scene: SceneSpec) -> str:
+    """The sentence for a scene, from the fixed vocabulary in :data:`dit_accel.toy.text.VOCAB`."""
+    parts = []
+    for obj in scene.objects:
+        if obj.motion in DIR_VEC:
+            verb = f"moves {obj.motion}"
+        elif obj.motion == "curve":
+            verb = "moves along a curve"
+        else:
+            verb = obj.motion
+        parts.append(f"a {obj.color} {obj.shape} {verb}")
+    text = " and ".join(parts) + f" over a {scene.background} background"
+    if scene.pan is not None:
+        text += f" while the camera pans {scene.pan}"
+    return text
+
+
+def _place_linear(rng: np.random.Generator, lo: float, hi: float, travel: float) -> float:
+    """Start coordinate so that start and start + travel both stay in [lo, hi]."""
+    a, b = lo - min(travel, 0.0), hi - max(travel, 0.0)
+    return float(rng.uniform(a, b)) if b > a else 0.5 * (lo + hi) - 0.5 * travel
+
+
+def _sample_object(
+    rng: np.random.Generator,
+    scene_frames: int,
+    height: int,
+    width: int,
+    pan_vec: tuple[float, float],
+    color: str,
+    allow_held_out: bool,
+) -> ObjectSpec:
+    """Draw one object whose whole frame-space trajectory stays inside the canvas."""
+    while True:
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+        if motion == "rotates" and shape not in _ROTATABLE:
+            continue
+        if not allow_held_out and (color, shape, motion) in HELD_OUT:
+            continue
+        break
+    steps = max(scene_frames - 1, 1)
+    radius = float(rng.uniform(6.0, 9.0))
+    margin = radius + 1.0
+    px, py = pan_vec  # content drift in frame space per frame, opposite to the camera motion
+    if motion in DIR_VEC:
+        dx, dy = DIR_VEC[motion]
+        room = (width if dx else height) - 2 * margin
+        speed = float(min(rng.uniform(1.5, 2.5), max(room, 0.0) / steps))
+        speed = max(speed, 0.8)
+        tx, ty = (dx * speed + px) * steps, (dy * speed + py) * steps
+        x0 = _place_linear(rng, margin, width - margin, tx)
+        y0 = _place_linear(rng, margin, height - margin, ty)
+        return ObjectSpec(color, shape, motion, x0, y0, radius, speed=speed, angle0=float(rng.uniform(0, 2 * math.pi)))
+    if motion == "curve":
+        arc = float(rng.uniform(0.25, 0.4) * min(height, width))
+        arc = min(arc, 0.5 * min(height, width) - margin)
+        sweep = float(rng.uniform(0.5, 0.8) * math.pi)
+        speed = sweep / steps * (1.0 if rng.random() < 0.5 else -1.0)
+        cx, cy = 0.5 * width, 0.5 * height
+        # Pan drift is folded into the arc centre's start so the trajectory stays in frame on small canvases.
+        return ObjectSpec(
+            color,
+            shape,
+            motion,
+            cx,
+            cy,
+            radius * 0.85,
+            speed=speed,
+            angle0=float(rng.uniform(0, 2 * math.pi)),
+            arc_radius=max(arc, 2.0),
+            arc_cx=cx - px * steps / 2,
+            arc_cy=cy - py * steps / 2,
+        )
+    if motion == "grows":
+        r0 = radius * 0.6
+        growth = float(rng.uniform(1.6, 1.9))
+        m = r0 * growth + 1.0
+        x0 = _place_linear(rng, m, width - m, px * steps)
+        y0 = _place_linear(rng, m, height - m, py * steps)
+        return ObjectSpec(color, shape, motion, x0, y0, r0, growth=growth)
+    # rotates
+    x0 = _place_linear(rng, margin, width - margin, px * steps)
+    y0 = _place_linear(rng, margin, height - margin, py * steps)
+    spin = float(rng.uniform(0.15, 0.3)) * (1.0 if rng.random() < 0.5 else -1.0)
+    return ObjectSpec(color, shape, motion, x0, y0, radius, speed=spin, angle0=float(rng.uniform(0, 2 * math.pi)))
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    frames: int,
+    height: int,
+    width: int,
+    two_object_prob: float = 0.25,
+    pan_prob: float = 0.15,
+    allow_held_out: bool = False,
+) -> SceneSpec:
+    """Draw a random scene; held-out (colour, shape, direction) triples are excluded unless asked for."""
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    i, j = rng.choice(len(BG_TONES), size=2, replace=False)
+    bg_colors = (BG_TONES[int(i)], BG_TONES[int(j)])
+    if background == "gradient":
+        ang = float(rng.uniform(0, 2 * math.pi))
+        bg_param: tuple[float, ...] = (math.cos(ang), math.sin(ang))
+    elif background == "striped":
+        bg_param = (float(rng.random() < 0.5), float(rng.choice([6, 8, 10])))
+    elif background == "checkered":
+        bg_param = (float(rng.choice([6, 8])),)
+    else:
+        bg_param = ()
+    pan = None
+    pan_speed = 0.0
+    if background in ("striped", "checkered") and rng.random() < pan_prob:
+        pan = DIRECTIONS[int(rng.integers(4))]
+        pan_speed = 1.0
+    pan_vec = (0.0, 0.0) if pan is None else (-DIR_VEC[pan][0] * pan_speed, -DIR_VEC[pan][1] * pan_speed)
+    n_obj = 2 if rng.random() < two_object_prob else 1
+    colors = rng.choice(len(COLORS), size=n_obj, replace=False)
+    names = list(COLORS)
+    objects = tuple(_sample_object(rng, frames, height, width, pan_vec, names[int(c)], allow_held_out) for c in colors)
+    return SceneSpec(frames, height, width, background, bg_colors, bg_param, pan, pan_speed, objects)
+
+
+def scene_from_prompt_parts(
+    color: str,
+    shape: str,
+    motion: str,
+    background: str,
+    seed: int,
+    frames: int = 16,
+    height: int = 64,
+    width: int = 64,
+) -> SceneSpec:
+    """A single-object scene with the given words (used to build evaluation references)."""
+    rng = np.random.default_rng(_stable_seed(seed, color, shape, motion, background))
+    for _ in range(1000):
+        scene = sample_scene(rng, frames, height, width, two_object_prob=0.0, pan_prob=0.0, allow_held_out=True)
+        obj = scene.objects[0]
+        if scene.background == background and (obj.shape, obj.motion) == (shape, motion):
+            return SceneSpec(
+                frames, height, width, background, scene.bg_colors, scene.bg_param, None, 0.0, (_recolor(obj, color),)
+            )
+    raise ValueError(f"could not sample shape={shape!r} motion={motion!r} background={background!r}")
+
+
+def _recolor(obj: ObjectSpec, color: str) -> ObjectSpec:
+    return ObjectSpec(**{**obj.__dict__, "color": color})
+
+
+def _stable_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def _shape_sdf(shape: str, px: np.ndarray, py: np.ndarray, r: float, angle: float) -> np.ndarray:
+    """Signed distance (pixels, negative inside) of a shape centred at the origin."""
+    if shape == "circle":
+        return np.hypot(px, py) - r
+    if shape == "ring":
+        return np.abs(np.hypot(px, py) - 0.7 * r) - 0.3 * r
+    c, s = math.cos(angle), math.sin(angle)
+    lx, ly = c * px + s * py, -s * px + c * py
+    if shape == "square":
+        return np.maximum(np.abs(lx), np.abs(ly)) - 0.82 * r
+    if shape == "triangle":
+        d = None
+        for k in range(3):
+            phi = math.pi / 2 + 2 * math.pi * k / 3
+            e = lx * math.cos(phi) + ly * math.sin(phi) - 0.5 * r
+            d = e if d is None else np.maximum(d, e)
+        return d
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def _background(scene: SceneSpec, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    c0, c1 = (np.asarray(c, dtype=np.float32) for c in scene.bg_colors)
+    if scene.background == "plain":
+        w = np.zeros_like(xs)
+    elif scene.background == "gradient":
+        dx, dy = scene.bg_param
+        proj = (xs - scene.width / 2) * dx + (ys - scene.height / 2) * dy
+        half = 0.5 * (abs(dx) * scene.width + abs(dy) * scene.height)
+        w = np.clip(0.5 + 0.5 * proj / half, 0.0, 1.0)
+    elif scene.background == "striped":
+        vertical, period = scene.bg_param
+        coord = xs if vertical else ys
+        w = (np.floor(coord / (period / 2)) % 2).astype(np.float32)
+    elif scene.background == "checkered":
+        (cell,) = scene.bg_param
+        w = ((np.floor(xs / cell) + np.floor(ys / cell)) % 2).astype(np.float32)
+    else:
+        raise ValueError(f"unknown background {scene.background!r}; expected one of {BACKGROUNDS}")
+    return (1 - w)[..., None] * c0 + w[..., None] * c1
+
+
+def render(scene: SceneSpec) -> np.ndarray:
+    """Render to float32 ``(frames, height, width, 3)`` in [0, 1], anti-aliased via signed distances."""
+    ys, xs = np.meshgrid(
+        np.arange(scene.height, dtype=np.float32) + 0.5, np.arange(scene.width, dtype=np.float32) + 0.5, indexing="ij"
+    )
+    out = np.empty((scene.frames, scene.height, scene.width, 3), dtype=np.float32)
+    for t in range(scene.frames):
+        ox, oy = scene.camera_offset(t)
+        frame = _background(scene, xs + ox, ys + oy)
+        for obj in scene.objects:
+            x, y, r, a = obj.state(t, scene.frames)
+            x, y = x - ox, y - oy  # world to frame
+            alpha = np.clip(0.5 - _shape_sdf(obj.shape, xs - x, ys - y, r, a), 0.0, 1.0)[..., None]
+            frame = frame * (1 - alpha) + alpha * np.asarray(COLORS[obj.color], dtype=np.float32)
+        out[t] = frame
+    return out
+
+
+def make_sample(seed: int, index: int, frames: int, height: int, width: int, **kwargs: float) -> tuple[np.ndarray, str]:
+    """Sample number ``index`` of the stream defined by ``seed``: (video in [0, 1], caption)."""
+    scene = sample_scene(np.random.default_rng([seed, index, frames, height, width]), frames, height, width, **kwargs)
+    return render(scene), caption(scene)
+
+
+def make_batch(
+    seed: int, start: int, batch: int, frames: int, height: int, width: int, **kwargs: float
+) -> tuple[np.ndarray, list[str]]:
+    """A batch as ``(B, 3, frames, height, width)`` in [-1, 1] plus captions, the model's pixel space."""
+    videos, texts = zip(*(make_sample(seed, start + i, frames, height, width, **kwargs) for i in range(batch)))
+    arr = np.stack(videos).transpose(0, 4, 1, 2, 3) * 2.0 - 1.0
+    return np.ascontiguousarray(arr, dtype=np.float32), list(texts)
+
+
+def segment_color(video: np.ndarray, color: str, max_dist: float = 0.3) -> np.ndarray:
+    """Boolean mask ``(frames, H, W)`` of saturated pixels closest to ``color`` in the palette (video in [0, 1])."""
+    pal = np.asarray(list(COLORS.values()), dtype=np.float32)
+    dist = np.linalg.norm(video[..., None, :] - pal, axis=-1)
+    idx = list(COLORS).index(color)
+    sat = video.max(-1) - video.min(-1)
+    return (dist.argmin(-1) == idx) & (dist[..., idx] < max_dist) & (sat > 0.35)
+
+
+def centroid_track(mask: np.ndarray, min_pixels: int = 4) -> np.ndarray:
+    """Per-frame centroid ``(frames, 2)`` as (x, y); NaN where the colour is (almost) absent."""
+    out = np.full((mask.shape[0], 2), np.nan, dtype=np.float64)
+    for t, m in enumerate(mask):
+        ys, xs = np.nonzero(m)
+        if len(xs) >= min_pixels:
+            out[t] = (xs.mean() + 0.5, ys.mean() + 0.5)
+    return out
+
+
+def motion_direction(track: np.ndarray, min_shift: float = 2.0) -> str | None:
+    """Dominant direction of a centroid track (first vs last quarter of valid frames), None if it barely moves."""
+    valid = track[~np.isnan(track).any(1)]
+    if len(valid) < 4:
+        return None
+    q = max(len(valid) // 4, 1)
+    dx, dy = valid[-q:].mean(0) - valid[:q].mean(0)
+    if max(abs(dx), abs(dy)) < min_shift:
+        return None
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
