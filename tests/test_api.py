@@ -1,0 +1,59 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import dit_accel
+from dit_accel.testing import tiny_pipeline
+
+
+def test_accelerate_twice_replaces_the_old_installation():
+    pipe, kwargs = tiny_pipeline("wan")
+    first = dit_accel.accelerate(pipe, "blocktopk", min_tokens=64)
+    second = dit_accel.accelerate(pipe, "dense", min_tokens=64)
+    assert not first.active and second.active
+    pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    assert second.stats()["overall"]["dense_reasons"].keys() == {"method"}
+    assert first.stats()["overall"]["sparse_calls"] == 0
+    first.remove()  # a stale handle's remove is harmless
+    assert second.active
+    second.remove()
+    assert not hasattr(pipe.transformer, "_dit_accel_accelerator")
+    assert not pipe.transformer._diffusers_hook.hooks  # every hook taken off
+
+
+def test_bare_transformer_and_default_method():
+    pipe, _ = tiny_pipeline("wan")
+    handle = dit_accel.accelerate(pipe.transformer, min_tokens=64, num_steps=4)
+    assert handle.method == dit_accel.DEFAULT_METHOD
+    hs = torch.randn(1, 16, 3, 32, 32)
+    ehs = torch.randn(1, 16, 32)
+    for t in (900.0, 600.0):
+        pipe.transformer(hidden_states=hs, timestep=torch.tensor([t]), encoder_hidden_states=ehs)
+    stats = handle.stats()
+    handle.remove()
+    assert stats["overall"]["sparse_calls"] == 4
+
+
+def test_no_supported_transformer_is_a_clear_type_error():
+    with pytest.raises(TypeError, match="no supported transformer.*WanTransformer3DModel"):
+        dit_accel.accelerate(DDIMScheduler())
+    with pytest.raises(TypeError, match="no supported transformer"):
+        dit_accel.accelerate(torch.nn.Linear(2, 2))
+
+
+def test_bad_option_leaves_pipeline_untouched():
+    pipe, _ = tiny_pipeline("wan")
+    with pytest.raises(ValueError, match="sparsity"):
+        dit_accel.accelerate(pipe, "blocktopk", sparsity=2.0)
+    assert not hasattr(pipe.transformer, "_dit_accel_accelerator")
+
+
+def test_stats_shape():
+    pipe, kwargs = tiny_pipeline("wan")
+    with dit_accel.accelerate(pipe, "blocktopk", min_tokens=64) as handle:
+        pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+        stats = handle.stats()
+    assert stats["method"] == "blocktopk" and stats["config"]["sparsity"] == 0.75
+    assert stats["kernel_backend"] == "reference" and stats["families"] == {"transformer": "wan"}
+    for entry in [stats["overall"], *stats["sites"].values()]:
+        assert set(entry) >= {"dense_calls", "sparse_calls", "dense_reasons", "block_density", "cache_bytes"}
