@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
 
 from .config import AccelConfig, resolve_config
 from .kernels import backend_for
+from .parallel import check_context_parallel, describe
 from .pipelines.families import find_family
 from .runtime import Accelerator, SiteStats
 
@@ -60,6 +62,7 @@ class AccelHandle:
             "kernel_backend": backend_for(param.device if param is not None else "cpu"),
             "overall": overall.as_dict(cache_total),
             "sites": sites,
+            "context_parallel": describe(device),  # None single-process; else stats are this rank's heads
         }
 
     def __enter__(self) -> AccelHandle:
@@ -71,6 +74,11 @@ class AccelHandle:
     def __repr__(self) -> str:
         parts = ", ".join(f"{name}={acc.family.name}" for name, acc in self._accelerators.items())
         return f"AccelHandle(method={self.config.method!r}, {parts}, active={self.active})"
+
+
+def xformers_available() -> bool:
+    """Whether the optional xformers package can be imported (it is never required)."""
+    return importlib.util.find_spec("xformers") is not None
 
 
 def _find_transformers(pipe: Any) -> dict[str, torch.nn.Module]:
@@ -101,6 +109,8 @@ def accelerate(
     Instance-scoped: only this pipeline's modules get hooks, and ``handle.remove()`` takes them all off.
     """
     cfg = resolve_config(method, config, **options)
+    if cfg.dense_backend == "xformers" and not xformers_available():
+        raise ValueError("dense_backend='xformers' needs xformers: pip install 'dit-accel[xformers]'")
     transformers = _find_transformers(pipe)
     if not transformers:
         from .pipelines.families import FAMILIES
@@ -110,6 +120,8 @@ def accelerate(
             f"accelerate(pipe=...) found no supported transformer in {type(pipe).__name__}; "
             f"supported transformer classes: {supported}"
         )
+    for transformer in transformers.values():  # before installing anything: refuse ring/unified CP early
+        check_context_parallel(transformer)
     scheduler = getattr(pipe, "scheduler", None)
     accelerators: dict[str, Accelerator] = {}
     for name, transformer in transformers.items():

@@ -1,10 +1,12 @@
-"""The ``dit-accel`` command line: info and render (sweep and bench come from their own modules)."""
+"""The ``dit-accel`` command line: info, render and sweep."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import typer
 
@@ -50,10 +52,44 @@ def info() -> None:
     )
 
 
+def _parse_list(text: str | None, cast: Callable[[str], Any], flag: str) -> list[Any] | None:
+    if text is None or text.strip() == "":
+        return None
+    try:
+        return [cast(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} must be a comma-separated list", param_hint=flag) from None
+
+
+def _parse_schedule(items: list[str]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise typer.BadParameter(f"{item!r} must look like name=v1,v2", param_hint="--schedule")
+        name, raw = item.split("=", 1)
+        values = []
+        for part in raw.split(","):
+            try:
+                values.append(json.loads(part))
+            except json.JSONDecodeError:
+                values.append(part)
+        out[name.strip()] = values
+    return out
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=code)
+
+
 @app.command()
 def render(
     out: str = typer.Option("video.mp4", "--out", "-o", help="Output .mp4, .gif, or a folder for PNG frames."),
-    model: str = typer.Option(None, help="Model directory, or a built-in name such as tiny-wan. Default: shipped."),
+    model: str = typer.Option(
+        None,
+        help="Model directory, a diffusers id in the local HF cache, or a built-in name (tiny-wan). "
+        "Default: the shipped toy model.",
+    ),
     prompt: str = typer.Option("", help="Text prompt (models with a text encoder)."),
     negative_prompt: str = typer.Option("", help="Negative prompt."),
     method: str = typer.Option(None, help="Method from `dit-accel info`; default: the project's best preset."),
@@ -66,9 +102,28 @@ def render(
     seed: int = typer.Option(0, help="Random seed."),
     fps: int = typer.Option(8, help="Frames per second of the written video."),
     guidance_scale: float = typer.Option(None, help="Classifier-free guidance scale."),
+    base_height: int = typer.Option(
+        None, "--base-height", help="FreeSwim (Wan): the training height; a larger --height renders with FreeSwim."
+    ),
+    base_width: int = typer.Option(
+        None, "--base-width", help="FreeSwim (Wan): the training width; a larger --width renders with FreeSwim."
+    ),
+    strength: float = typer.Option(None, help="FreeSwim: fraction of the steps the refinement runs (0.7)."),
+    cache_every: int = typer.Option(None, "--cache-every", help="FreeSwim: a full-branch guide step every k (2)."),
+    device: str = typer.Option(None, help="torch device, e.g. cuda or cpu; default: cuda when available."),
+    dtype: str = typer.Option(None, help="Weights dtype: float32, float16 or bfloat16."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the denoising progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full summary (with per-site stats) as JSON."),
+    batch_file: str = typer.Option(
+        None,
+        "--batch-file",
+        help="Render every prompt of this file (one per line) into the --out folder; under accelerate launch or "
+        "torchrun the prompts are split across the processes and rank 0 writes summary.json.",
+    ),
 ) -> None:
     """Render a video offline with an accelerated pipeline."""
-    from dit_accel.render import RenderRequest, default_model
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from dit_accel.render import ModelNotFoundError, RenderRequest, default_model
     from dit_accel.render import render as run_render
 
     options = dict(_parse_option(o) for o in option)
@@ -88,19 +143,115 @@ def render(
         fps=fps,
         guidance_scale=guidance_scale,
         out=out,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        base_height=base_height,
+        base_width=base_width,
+        freeswim={"strength": strength, "cache_every": cache_every},
     )
+    if batch_file is not None:  # split across processes: dit_accel.parallel.render_batch
+        from dit_accel.parallel import render_batch
+
+        try:
+            batch = render_batch(request, batch_file)
+        except (ValueError, FileNotFoundError, PermissionError) as exc:
+            _fail(str(exc))
+        typer.echo(batch["message"])
+        raise typer.Exit(code=1 if batch["failed"] else 0)
     try:
         result = run_render(request)
-    except (ValueError, TypeError, FileNotFoundError, PermissionError) as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2) from None
+    except ModelNotFoundError as exc:
+        _fail(str(exc))
+    except PermissionError as exc:
+        _fail(str(exc))
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"--out {out!r}: could not write ({exc})")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
     overall = result["stats"]["overall"]
+    typer.echo(
+        f"wrote {result['out']} ({result['frames']} frames) in {result['seconds']:.1f} s with method "
+        f"{result['method']} [{result['stats']['kernel_backend']} kernels]"
+    )
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(overall["dense_reasons"].items())) or "none"
     density = overall["block_density"]
     typer.echo(
-        f"wrote {result['out']} in {result['seconds']:.1f} s with method {result['method']}: "
-        f"{overall['sparse_calls']} sparse / {overall['dense_calls']} dense attention calls"
-        + (f", block density {density:.3f}" if density is not None else "")
+        f"attention calls: {overall['sparse_calls']} sparse, {overall['refresh_calls']} refresh, "
+        f"{overall['dense_calls']} dense (dense because: {reasons})"
+        + (f"; kept block density {density:.3f}" if density is not None else "")
     )
+    est = result["estimated_speedup"]
+    if est is not None:
+        typer.echo(
+            f"speed-up estimate: ~{est:.2f}x over dense attention (an estimate, not a measurement: self-attention "
+            f"is ~{100 * result['attention_flop_share']:.0f}% of the transformer's FLOPs here and "
+            f"{100 * result['effective_density']:.0f}% of its work remains; excludes VAE and text encoder; "
+            "use `dit-accel sweep` to measure)"
+        )
+
+
+@app.command()
+def sweep(
+    out: str = typer.Option(..., "--out", "-o", help="Folder for results.json, report.md and pareto.png."),
+    model: str = typer.Option(None, help="Model directory, cached diffusers id or built-in name (tiny-wan)."),
+    methods: str = typer.Option(None, help="Comma-separated methods; default: every method in `dit-accel info`."),
+    sparsity: str = typer.Option("0.8,0.9,0.95", help="Comma-separated sparsities."),
+    steps: int = typer.Option(None, help="Denoising steps."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds."),
+    prompt: list[str] = typer.Option([], "--prompt", help="Prompt (repeatable); default: the model's own input."),
+    frames: int = typer.Option(None, help="Number of frames."),
+    height: int = typer.Option(None, help="Height in pixels."),
+    width: int = typer.Option(None, help="Width in pixels."),
+    option: list[str] = typer.Option([], "--option", help="Fixed option for every configuration, name=value."),
+    schedule: list[str] = typer.Option(
+        [], "--schedule", help="Extra grid axis name=v1,v2 (repeatable), e.g. dense_steps=0,0.25."
+    ),
+    probe_steps: str = typer.Option("-1", help="Steps the attention probe checks (-1 = last; empty = none)."),
+    probe_layers: str = typer.Option(None, help="Layers the attention probe checks; default: all."),
+    lpips: bool = typer.Option(True, "--lpips/--no-lpips", help="LPIPS when its weights are cached locally."),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One untimed step before timing."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    device: str = typer.Option(None, help="torch device; default: cuda:LOCAL_RANK when available, else cpu."),
+    dtype: str = typer.Option(None, help="Weights dtype: float32, float16 or bfloat16."),
+) -> None:
+    """Quality-vs-speed sweep over methods x sparsity (x schedule options) x seeds; resumable."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from dit_accel.eval.sweep import SweepSpec, run_sweep
+    from dit_accel.render import ModelNotFoundError, default_model
+
+    spec = SweepSpec(
+        model=model or default_model(),
+        methods=_parse_list(methods, str, "--methods"),
+        sparsity=_parse_list(sparsity, float, "--sparsity") or [],
+        seeds=_parse_list(seeds, int, "--seeds") or [0],
+        prompts=list(prompt) or [None],
+        steps=steps,
+        frames=frames,
+        height=height,
+        width=width,
+        schedule=_parse_schedule(schedule),
+        options=dict(_parse_option(o) for o in option),
+        probe_steps=_parse_list(probe_steps, int, "--probe-steps") or (),
+        probe_layers=_parse_list(probe_layers, int, "--probe-layers"),
+        lpips=lpips,
+        warmup=warmup,
+        device=device,
+        dtype=dtype,
+    )
+    try:
+        result = run_sweep(spec, out, progress=progress)
+    except ModelNotFoundError as exc:
+        _fail(str(exc))
+    except (ValueError, TypeError, PermissionError) as exc:
+        _fail(str(exc))
+    files = result["files"]
+    typer.echo(f"{result['done']} new records, {result['skipped']} already done")
+    for name, path in files.items():
+        typer.echo(f"{name}: {path}")
 
 
 def main() -> None:

@@ -1,9 +1,18 @@
-"""Render a video with an accelerated pipeline: the engine behind ``dit-accel render``."""
+"""Render a video with an accelerated pipeline: the engine behind ``dit-accel render``.
+
+Everything runs offline: a model is a built-in tiny name, a local diffusers pipeline directory, or a diffusers
+id that is already in the local Hugging Face cache (looked up with ``local_files_only``; never downloaded).
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,14 +20,30 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["RenderRequest", "load_pipeline", "render", "write_video"]
+__all__ = [
+    "ModelNotFoundError",
+    "RenderRequest",
+    "apply_request",
+    "check_size",
+    "default_device",
+    "default_model",
+    "estimate_speedup",
+    "FlopCounter",
+    "load_pipeline",
+    "render",
+    "write_video",
+]
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither a built-in name, a local pipeline directory nor a cached diffusers id."""
+
+
 @dataclass
 class RenderRequest:
-    """What to render and how to accelerate it."""
+    """What to render and how to accelerate it. ``None`` fields keep the model's own defaults."""
 
     model: str = "tiny-wan"
     prompt: str = ""
@@ -33,31 +58,222 @@ class RenderRequest:
     fps: int = 8
     guidance_scale: float | None = None
     out: str = "video.mp4"
+    device: str | None = None
+    dtype: str | None = None
+    progress: bool = True
+    #: FreeSwim (Wan): the training resolution; a larger height/width renders with FreeSwimPipeline.
+    base_height: int | None = None
+    base_width: int | None = None
+    freeswim: dict[str, Any] = field(default_factory=dict)  # FreeSwim options, e.g. strength, cache_every
 
 
-def load_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
-    """A pipeline and its default call arguments from a built-in name or a local model directory."""
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+    table.update({"bfloat16": torch.bfloat16, "bf16": torch.bfloat16})
+    if name not in table:
+        raise ValueError(f"--dtype {name!r}: allowed values are {', '.join(table)}")
+    return table[name]
+
+
+def _pipeline_class(index: dict[str, Any]) -> Any:
+    """The pipeline class named in model_index.json: diffusers' own, else dit_accel's (the shipped toy)."""
+    import diffusers
+
+    name = index.get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        for module in ("dit_accel.toy",):
+            cls = getattr(importlib.import_module(module), name, None)
+            if cls is not None:
+                break
+    if cls is None:
+        cls = diffusers.DiffusionPipeline
+    return cls
+
+
+def default_device() -> str:
+    """``cuda:LOCAL_RANK`` when CUDA is available (one GPU per process under a launcher), else ``cpu``."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def load_pipeline(
+    model: str, *, device: str | None = None, dtype: str | None = None, progress: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """A pipeline and its default call arguments from a built-in name, a local directory or a cached hub id.
+
+    ``device=None`` picks :func:`default_device`.
+    """
+    torch_dtype = _torch_dtype(dtype)
+    device = device or default_device()
     if model.startswith("tiny-"):
         from .testing import TINY_FAMILIES, tiny_pipeline
 
         family = model.removeprefix("tiny-").replace("-", "_")
         if family not in TINY_FAMILIES:
-            raise ValueError(
+            raise ModelNotFoundError(
                 f"--model {model!r}: built-in tiny models are {', '.join('tiny-' + f for f in TINY_FAMILIES)}"
             )
         pipe, kwargs = tiny_pipeline(family)
-        pipe.set_progress_bar_config(disable=False)
         kwargs["output_type"] = "np"
-        return pipe, kwargs
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"--model {model!r}: no such directory, and not a built-in name (tiny-wan, ...)")
-    if not (path / "model_index.json").exists():
-        raise ValueError(f"--model {model!r}: {path} has no model_index.json; is it a diffusers pipeline directory?")
-    from diffusers import DiffusionPipeline
+    else:
+        with _loading_bar(progress):
+            pipe, kwargs = _load_from_disk_or_cache(model, torch_dtype)
+    if torch_dtype is not None and model.startswith("tiny-"):
+        pipe.to(dtype=torch_dtype)
+    if device != "cpu":
+        pipe.to(device)
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe, kwargs
 
-    pipe = DiffusionPipeline.from_pretrained(str(path))
+
+@contextmanager
+def _loading_bar(progress: bool) -> Iterator[None]:
+    """diffusers' "Loading pipeline components" bar only when progress output is wanted."""
+    from diffusers.utils import logging as diffusers_logging
+
+    enabled = diffusers_logging.is_progress_bar_enabled()
+    if not progress:
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            diffusers_logging.enable_progress_bar()
+
+
+def _load_from_disk_or_cache(model: str, torch_dtype: torch.dtype | None) -> tuple[Any, dict[str, Any]]:
+    path = Path(model).expanduser()
+    load_kwargs: dict[str, Any] = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    if path.exists():
+        index_file = path / "model_index.json"
+        if not index_file.exists():
+            raise ModelNotFoundError(
+                f"--model {model!r}: {path} has no model_index.json; is it a diffusers pipeline directory?"
+            )
+        cls = _pipeline_class(json.loads(index_file.read_text()))
+        pipe = cls.from_pretrained(str(path), **load_kwargs)
+    else:
+        pipe = _load_cached_hub_pipeline(model, load_kwargs)
     return pipe, {"output_type": "np"}
+
+
+def _load_cached_hub_pipeline(model: str, load_kwargs: dict[str, Any]) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    looks_like_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_id:
+        raise ModelNotFoundError(
+            f"--model {model!r}: no such directory, not a built-in name (tiny-wan, ...) and not a hub id like "
+            "'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'"
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "model_index.json")
+    if not isinstance(cached, str):
+        raise ModelNotFoundError(
+            f"--model {model!r}: not in the local Hugging Face cache (offline; nothing is downloaded). "
+            f"Fetch it first on a connected machine, e.g. `huggingface-cli download {model}`, or pass a directory."
+        )
+    cls = _pipeline_class(json.loads(Path(cached).read_text()))
+    try:
+        return cls.from_pretrained(model, local_files_only=True, **load_kwargs)
+    except OSError as exc:
+        raise ModelNotFoundError(f"--model {model!r}: the cached copy is incomplete ({exc})") from None
+
+
+def _call_parameters(pipe: Any) -> set[str]:
+    try:
+        return set(inspect.signature(pipe.__call__).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def apply_request(
+    pipe: Any,
+    kwargs: dict[str, Any],
+    *,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float | None = None,
+) -> dict[str, Any]:
+    """Call arguments with the requested settings; options the pipeline does not take raise a clear error."""
+    out = dict(kwargs)
+    params = _call_parameters(pipe)
+    for key, flag, value in (
+        ("num_inference_steps", "--steps", steps),
+        ("num_frames", "--frames", frames),
+        ("height", "--height", height),
+        ("width", "--width", width),
+        ("guidance_scale", "--guidance-scale", guidance_scale),
+    ):
+        if value is None:
+            continue
+        if params and key not in params:
+            raise ValueError(f"{flag}: {type(pipe).__name__} takes no {key} (is it an image model?)")
+        out[key] = value
+    has_encoder = getattr(pipe, "text_encoder", None) is not None
+    if prompt:
+        if not has_encoder:
+            # Built-in tiny models have no text encoder: they render from fixed random embeddings.
+            if out.get("prompt_embeds") is None:
+                raise ValueError("--prompt: this model has no text encoder and no prompt embeddings")
+        else:
+            for key in ("prompt_embeds", "negative_prompt_embeds"):
+                out.pop(key, None)
+            out["prompt"] = prompt
+            if negative_prompt:
+                out["negative_prompt"] = negative_prompt
+    elif has_encoder and "prompt_embeds" not in out and "prompt" not in out:
+        # No prompt given: the model's own example prompt if it has one (the shipped toy model does).
+        out["prompt"] = getattr(pipe, "default_prompt", "") or ""
+    return out
+
+
+def _patch_size(transformer: Any) -> tuple[int, int, int] | None:
+    config = getattr(transformer, "config", None)
+    patch = getattr(config, "patch_size", None)
+    if patch is None:
+        return None
+    if isinstance(patch, (list, tuple)):
+        return (
+            (int(patch[0]), int(patch[-2]), int(patch[-1])) if len(patch) == 3 else (1, int(patch[0]), int(patch[-1]))
+        )
+    patch_t = getattr(config, "patch_size_t", None) or 1
+    return int(patch_t), int(patch), int(patch)
+
+
+def check_size(pipe: Any, kwargs: dict[str, Any]) -> None:
+    """Reject a height/width/frame count the model cannot tile, before spending time on text encoding."""
+    height, width, frames = kwargs.get("height"), kwargs.get("width"), kwargs.get("num_frames")
+    for name, value in (("height", height), ("width", width), ("frames", frames)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"--{name} {value!r}: must be a positive integer")
+    transformer = getattr(pipe, "transformer", None)
+    patch = _patch_size(transformer)
+    if patch is None or height is None or width is None:
+        return
+    spatial = int(getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None) or 1)
+    multiple = spatial * patch[1]
+    if height % multiple or width % multiple:
+        raise ValueError(
+            f"--height {height} --width {width}: {type(pipe).__name__} needs multiples of {multiple} "
+            f"(VAE factor {spatial} x patch {patch[1]}); try {max(multiple, height // multiple * multiple)} x "
+            f"{max(multiple, width // multiple * multiple)}"
+        )
+    temporal = getattr(pipe, "vae_scale_factor_temporal", None)
+    if frames is not None and temporal and temporal > 1 and (frames - 1) % temporal:
+        raise ValueError(
+            f"--frames {frames}: {type(pipe).__name__} needs 1 + a multiple of {temporal} frames "
+            f"(e.g. {1 + max(1, (frames - 1) // temporal) * temporal})"
+        )
 
 
 def write_video(frames: np.ndarray, out: str | Path, fps: int) -> Path:
@@ -66,6 +282,8 @@ def write_video(frames: np.ndarray, out: str | Path, fps: int) -> Path:
 
     out = Path(out)
     data = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if data.shape[-1] == 1:
+        data = np.repeat(data, 3, axis=-1)
     if out.suffix.lower() in VIDEO_SUFFIXES:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix.lower() == ".mp4":
@@ -79,66 +297,135 @@ def write_video(frames: np.ndarray, out: str | Path, fps: int) -> Path:
     return out
 
 
-def _frames_of(output: Any) -> np.ndarray:
+def frames_of(output: Any) -> np.ndarray:
+    """(F, H, W, C) float frames from a pipeline output (video ``frames`` or image ``images``)."""
     frames = getattr(output, "frames", None)
     if frames is None:
         frames = getattr(output, "images", None)
-    frames = frames[0] if isinstance(frames, (list, tuple)) or getattr(frames, "ndim", 0) == 5 else frames
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().float().cpu().numpy()
+    if isinstance(frames, (list, tuple)) or getattr(frames, "ndim", 0) == 5:
+        frames = frames[0]
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = frames[None]
     return frames
 
 
+_frames_of = frames_of  # kept for callers of the earlier private name
+
+
+def estimate_speedup(attention_share: float, density: float | None) -> float | None:
+    """Amdahl estimate ``1 / ((1 - a) + a * d)`` from the attention share ``a`` of dense run time and the kept
+    density ``d``; assumes sparse attention costs in proportion to the blocks it computes."""
+    if density is None:
+        return None
+    a = min(max(attention_share, 0.0), 1.0)
+    return 1.0 / ((1.0 - a) + a * density)
+
+
+def effective_density(overall: dict[str, Any]) -> float | None:
+    """Fraction of dense attention work done, counting dense calls as 1; None when nothing was counted."""
+    dense = overall.get("dense_calls", 0)
+    measured = overall.get("sparse_calls", 0) + overall.get("refresh_calls", 0)
+    total = dense + measured
+    if total == 0:
+        return None
+    block = overall.get("block_density")
+    return (dense + (block if block is not None else 1.0) * measured) / total
+
+
+class FlopCounter:
+    """Observer that counts self-attention and transformer FLOPs to estimate attention's share of the work."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.params = sum(p.numel() for p in transformer.parameters())
+        self.attention = 0.0
+        self.other = 0.0
+
+    def __call__(self, event: Any) -> None:
+        b, h, n, d = event.q.shape
+        self.attention += 4.0 * b * h * n * n * d
+        if event.site_index == 0:
+            self.other += 2.0 * b * n * self.params
+
+    def share(self) -> float:
+        total = self.attention + self.other
+        return self.attention / total if total else 0.0
+
+
 def render(request: RenderRequest) -> dict[str, Any]:
-    """Render, write the file, and return a summary (time, file, stats)."""
+    """Render, write the file, and return a summary (time, file, stats, speed-up estimate)."""
     import dit_accel
 
     out = Path(request.out)
     target = out.parent if out.suffix else out
-    target = target if str(target) else Path(".")
-    _check_writable(target)
-    pipe, kwargs = load_pipeline(request.model)
-    for key, value in (
-        ("num_inference_steps", request.steps),
-        ("num_frames", request.frames),
-        ("height", request.height),
-        ("width", request.width),
-        ("guidance_scale", request.guidance_scale),
-    ):
-        if value is not None:
-            kwargs[key] = value
-    if request.prompt and "prompt_embeds" not in kwargs:
-        kwargs["prompt"] = request.prompt
-        if request.negative_prompt:
-            kwargs["negative_prompt"] = request.negative_prompt
+    _check_writable(target if str(target) else Path("."))
+    pipe, kwargs = load_pipeline(request.model, device=request.device, dtype=request.dtype, progress=request.progress)
+    kwargs = apply_request(
+        pipe,
+        kwargs,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        steps=request.steps,
+        frames=request.frames,
+        height=request.height,
+        width=request.width,
+        guidance_scale=request.guidance_scale,
+    )
+    check_size(pipe, kwargs)
+    if request.base_height is not None or request.base_width is not None:
+        from .pipelines.freeswim import maybe_freeswim  # the method then accelerates FreeSwim's base pass
+
+        pipe, kwargs = maybe_freeswim(pipe, kwargs, request.base_height, request.base_width, **request.freeswim)
     handle = dit_accel.accelerate(pipe, request.method, **request.options)
+    counters = [FlopCounter(acc.transformer) for acc in handle._accelerators.values()]
+    for counter, acc in zip(counters, handle._accelerators.values()):
+        acc.observers.append(counter)
     generator = torch.Generator().manual_seed(request.seed)
+    _sync()
     start = time.perf_counter()
     try:
         output = pipe(**kwargs, generator=generator)
+        _sync()
     except (ValueError, RuntimeError) as exc:
-        handle.remove()
         raise ValueError(f"the model could not render this request: {exc}") from exc
+    finally:
+        handle.remove()
     seconds = time.perf_counter() - start
     stats = handle.stats()
-    handle.remove()
-    path = write_video(_frames_of(output), out, request.fps)
-    return {"out": str(path), "seconds": seconds, "method": stats["method"], "stats": stats}
+    path = write_video(frames_of(output), out, request.fps)
+    density = effective_density(stats["overall"])
+    share = counters[0].share() if counters else 0.0
+    return {
+        "out": str(path),
+        "frames": int(frames_of(output).shape[0]),
+        "seconds": seconds,
+        "method": stats["method"],
+        "attention_flop_share": share,
+        "effective_density": density,
+        "estimated_speedup": estimate_speedup(share, density),
+        "stats": stats,
+        **({"freeswim": pipe.last_stats} if getattr(pipe, "last_stats", None) else {}),
+    }
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _check_writable(folder: Path) -> None:
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not _can_write(probe):
-        raise PermissionError(f"--out: cannot write under {folder}")
+    """Fail before rendering when the output folder cannot be created or written (a real write probe: as root
+    ``os.access`` says yes to almost anything)."""
+    import tempfile
 
-
-def _can_write(folder: Path) -> bool:
-    import os
-
-    return os.access(folder, os.W_OK)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dit-accel-write-test"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"--out: cannot write under {folder} ({exc.strerror or exc})") from None
 
 
 def summary_json(result: dict[str, Any]) -> str:

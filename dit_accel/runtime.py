@@ -10,6 +10,7 @@ HunyuanVideo). Everything is per instance and removed by :meth:`Accelerator.remo
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +22,11 @@ from torch.overrides import TorchFunctionMode
 
 from .config import AccelConfig
 from .methods import Method, SiteCall, SparseResult, build_method
+from .parallel import enter_forward
 from .pipelines.families import Family
 from .state import StepTracker
 
-__all__ = ["Accelerator", "SiteStats"]
+__all__ = ["Accelerator", "SiteEvent", "SiteStats"]
 
 STATE_HOOK = "dit_accel.state"
 SITE_HOOK = "dit_accel.site"
@@ -41,6 +43,10 @@ class SiteStats:
     density_sum: Any = 0.0
     video_density_sum: Any = 0.0
     video_density_calls: int = 0
+    pattern_builds: int = 0
+    pattern_reuses: int = 0
+    adaptive_refreshes: int = 0
+    cache_bytes_peak: int = 0
 
     def add(self, other: SiteStats) -> None:
         self.dense_calls += other.dense_calls
@@ -50,6 +56,10 @@ class SiteStats:
         self.density_sum = self.density_sum + other.density_sum
         self.video_density_sum = self.video_density_sum + other.video_density_sum
         self.video_density_calls += other.video_density_calls
+        self.pattern_builds += other.pattern_builds
+        self.pattern_reuses += other.pattern_reuses
+        self.adaptive_refreshes += other.adaptive_refreshes
+        self.cache_bytes_peak += other.cache_bytes_peak
 
     def as_dict(self, cache_bytes: int) -> dict[str, Any]:
         measured = self.sparse_calls + self.refresh_calls
@@ -63,7 +73,54 @@ class SiteStats:
             "block_density": density,
             "video_block_density": video,
             "cache_bytes": cache_bytes,
+            "pattern_builds": self.pattern_builds,
+            "pattern_reuses": self.pattern_reuses,
+            "adaptive_refreshes": self.adaptive_refreshes,
+            "cache_bytes_peak": self.cache_bytes_peak,
         }
+
+
+@dataclass
+class SiteEvent:
+    """One attention call as seen by an observer (see ``Accelerator.observers``): the inputs in the kernel layout,
+    the output that went back to the model, what the site decided, and start/end timers.
+
+    Observers exist for the evaluator's attention probe and attention timing; with none registered the site
+    does no extra work.
+    """
+
+    site_index: int
+    site_name: str
+    step: int
+    num_steps: int | None
+    branch: str
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float | None
+    out: torch.Tensor
+    kind: str  # "dense", "sparse" or "refresh"
+    reason: str | None  # why it stayed dense
+    density: Any  # achieved block density of a sparse/refresh call (tensor or float), None when dense
+    timers: tuple[Any, Any]  # (start, end): perf_counter floats on CPU, CUDA events on GPU
+
+    def seconds(self) -> float:
+        """Duration of the call; synchronises the CUDA events' stream when needed."""
+        start, end = self.timers
+        if isinstance(start, float):
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+
+
+def _timer(device: torch.device) -> Any:
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    import time
+
+    return time.perf_counter()
 
 
 class _ContextState(BaseState):
@@ -142,10 +199,57 @@ class _Site:
     def _dense(self, func, args, kwargs, reason: str):
         self.stats.dense_calls += 1
         self.stats.dense_reasons[reason] += 1
+        if self.accelerator.config.dense_backend == "xformers":
+            out = xformers_dense(args, kwargs)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
     @torch.compiler.disable
     def attention(self, func, args: tuple, kwargs: dict[str, Any]):
+        if not self.accelerator.observers:
+            return self._attention(func, args, kwargs)
+        return self._observed(func, args, kwargs)
+
+    def _observed(self, func, args: tuple, kwargs: dict[str, Any]):
+        """Run the call and tell every observer what happened (counters are diffed, so decisions are untouched)."""
+        q = kwargs.get("query", args[0] if args else None)
+        k = kwargs.get("key", args[1] if len(args) > 1 else None)
+        v = kwargs.get("value", args[2] if len(args) > 2 else None)
+        scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
+        before = (self.stats.dense_calls, self.stats.sparse_calls, Counter(self.stats.dense_reasons))
+        density_before = self.stats.density_sum
+        start = _timer(q.device)
+        out = self._attention(func, args, kwargs)
+        end = _timer(q.device)
+        if self.stats.dense_calls > before[0]:
+            kind, density = "dense", None
+            reason = next(iter((self.stats.dense_reasons - before[2]).keys()), None)
+        else:
+            kind = "sparse" if self.stats.sparse_calls > before[1] else "refresh"
+            reason, density = None, self.stats.density_sum - density_before  # no host sync here
+        state = self.accelerator.tracker.state
+        event = SiteEvent(
+            site_index=self.index,
+            site_name=self.name,
+            step=state.step,
+            num_steps=state.num_steps,
+            branch=state.branch,
+            q=q,
+            k=k,
+            v=v,
+            scale=scale,
+            out=out,
+            kind=kind,
+            reason=reason,
+            density=density,
+            timers=(start, end),
+        )
+        for observer in list(self.accelerator.observers):
+            observer(event)
+        return out
+
+    def _attention(self, func, args: tuple, kwargs: dict[str, Any]):
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         bound = dict(zip(names, args))
         bound.update(kwargs)
@@ -191,6 +295,13 @@ class _Site:
             self.stats.refresh_calls += 1
         else:
             self.stats.sparse_calls += 1
+        if result.pattern_built is True:
+            self.stats.pattern_builds += 1
+        elif result.pattern_built is False:
+            self.stats.pattern_reuses += 1
+        if result.adaptive:
+            self.stats.adaptive_refreshes += 1
+        self.stats.cache_bytes_peak = max(self.stats.cache_bytes_peak, self.cache_bytes())
         density = result.density.detach() if isinstance(result.density, torch.Tensor) else result.density
         self.stats.density_sum = self.stats.density_sum + density
         if result.video_density is not None:
@@ -218,6 +329,24 @@ class _Site:
         return None
 
 
+def xformers_dense(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """Dense attention by xformers' memory-efficient kernel, or None when the call needs SDPA's features."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    if bound.get("attn_mask") is not None or bound.get("dropout_p") or bound.get("is_causal"):
+        return None
+    q, k, v = bound["query"], bound["key"], bound["value"]
+    if q.dim() != 4 or k.shape[1] != q.shape[1]:
+        return None
+    import xformers.ops as xops
+
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=bound.get("scale")
+    )
+    return out.transpose(1, 2)
+
+
 class Accelerator:
     """Everything installed on one transformer, and how to take it off again."""
 
@@ -229,6 +358,9 @@ class Accelerator:
         self.tracker = StepTracker(scheduler=scheduler, num_steps_hint=config.num_steps)
         self.sites: list[_Site] = []
         self._installed = False
+        #: Callables receiving a :class:`SiteEvent` per attention call; empty (and free) unless an evaluator
+        #: registers one.
+        self.observers: list[Callable[[SiteEvent], None]] = []
 
     def install(self) -> None:
         sites = self.family.sites(self.transformer)
@@ -260,6 +392,7 @@ class Accelerator:
 
     @torch.compiler.disable
     def begin_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], context: Any) -> None:
+        enter_forward(module)  # refuses unsupported context parallelism; sets the Ulysses head group
         bound = self.family.bind(module, args, kwargs)
         layout = self.family.layout(module, bound)
         timestep = bound.get("timestep")

@@ -6,9 +6,13 @@ import os
 import random
 
 import pytest
-import torch
+import torch  # importing torch does not import Triton; importing dit_accel (through diffusers) does
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton picks interpreter or compiler when its modules are imported: set this before anything imports
+    # dit_accel, so the kernel tests run in-process under the interpreter (see tests/kernels/conftest.py).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

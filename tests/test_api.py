@@ -31,7 +31,13 @@ def test_bare_transformer_and_default_method():
         pipe.transformer(hidden_states=hs, timestep=torch.tensor([t]), encoder_hidden_states=ehs)
     stats = handle.stats()
     handle.remove()
-    assert stats["overall"]["sparse_calls"] == 4
+    overall = stats["overall"]
+    assert overall["sparse_calls"] + overall["refresh_calls"] + overall["dense_calls"] == 4  # 2 steps x 2 layers
+    assert overall["sparse_calls"] > 0
+    with dit_accel.accelerate(pipe.transformer, "blocktopk", min_tokens=64) as handle:
+        for t in (900.0, 600.0):
+            pipe.transformer(hidden_states=hs, timestep=torch.tensor([t]), encoder_hidden_states=ehs)
+        assert handle.stats()["overall"]["sparse_calls"] == 4
 
 
 def test_no_supported_transformer_is_a_clear_type_error():

@@ -70,35 +70,126 @@ def block_sparse_attention(
     block_n: int,
     scale: float | None = None,
     return_lse: bool = True,
+    return_mass: bool = False,
 ):
     """Block-sparse attention over a per-(batch, head, query block) LUT of key blocks.
 
-    Returns ``(out, lse)`` (``lse`` float32 (B, H, N), natural log) or ``out`` alone with ``return_lse=False``.
+    Returns ``(out, lse)`` (``lse`` float32 (B, H, N), natural log) or ``out`` alone with ``return_lse=False``;
+    ``return_mass`` appends the per-(query block, LUT slot) attention mass (float32 (B, H, n_q, max_blocks)).
     See :mod:`dit_accel.kernels.reference` for the layout of ``kv_indices`` and ``kv_counts``.
     """
     _check_block(block_m, block_n)
-    if backend_for(q.device) == "triton":
-        from .triton_block_sparse import block_sparse_attention as impl
-    else:
-        impl = reference.block_sparse_attention
-    return impl(q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse)
+    return _impl("block_sparse_attention", q.device)(
+        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
+        return_mass=return_mass,
+    )  # fmt: skip
+
+
+def block_sparse_attention_pair(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o_sparse, lse_sparse, o_full, lse_full)`` of one call: what a Re-ttention refresh step needs, computed
+    in one pass over the key blocks by the Triton kernel."""
+    _check_block(block_m, block_n)
+    return _impl("block_sparse_attention_pair", q.device)(
+        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale
+    )
+
+
+def sparse_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    negligible: torch.Tensor | None = None,
+    feature_map: str = "softmax",
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SLA's fused sparse + linear attention: ``(o_sparse, o_linear, lse)``.
+
+    ``o_sparse``/``lse`` are :func:`block_sparse_attention`'s; ``o_linear`` is linear attention (``feature_map``
+    ``"softmax"`` or ``"elu"``) over the key blocks neither selected nor ``negligible``, 0 where none is left.
+    """
+    _check_block(block_m, block_n)
+    return _impl("sparse_linear_attention", q.device)(
+        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, negligible=negligible,
+        feature_map=feature_map, scale=scale,
+    )  # fmt: skip
+
+
+def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Tensor:
+    """Block means (float32 (B, H, ceil(N/block), D)); ``smooth`` subtracts the mean token first (smooth-K)."""
+    return _impl("mean_pool", x.device)(x, block, smooth=smooth)
+
+
+def lut_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A boolean block mask (B, H, n_q, n_k) as ``(kv_indices, kv_counts)``, on the device, no host sync."""
+    return _impl("lut_from_mask", mask.device)(mask)
+
+
+def topk_mask(scores: torch.Tensor, k: int, *, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``forced`` blocks plus the highest-scoring others, ``k`` per row in all (boolean, like ``scores``)."""
+    return _impl("topk_mask", scores.device)(scores, k, forced=forced)
+
+
+def threshold_mask(scores: torch.Tensor, tau: float, *, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row the fewest highest blocks whose softmax mass reaches ``tau``, plus ``forced`` (boolean)."""
+    return _impl("threshold_mask", scores.device)(scores, tau, forced=forced)
+
+
+def pooled_topk_lut(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    k_blocks: int,
+    *,
+    forced: torch.Tensor | None = None,
+    smooth_k: bool = True,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled-score top-k prediction straight to a LUT ``(kv_indices, kv_counts)`` (SLA / VSA style)."""
+    return _impl("pooled_topk_lut", q.device)(
+        q, k, block_m, block_n, k_blocks, forced=forced, smooth_k=smooth_k, scale=scale
+    )
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i``."""
+    return reference.inverse_permutation(perm)
+
+
+def permute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``out[:, :, i] = x[:, :, perm[i]]`` for (B, H, N, D), e.g. raster order to 3D tiles."""
+    return _impl("permute_tokens", x.device)(x, perm)
+
+
+def unpermute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`permute_tokens` with the same ``perm``."""
+    return _impl("unpermute_tokens", x.device)(x, perm)
+
+
+def _impl(name: str, device: torch.device):
+    """The Triton or the reference function ``name`` for tensors on ``device``."""
+    if backend_for(device) == "triton":
+        from . import triton_block_sparse
+
+        return getattr(triton_block_sparse, name)
+    return getattr(reference, name)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):
     """Full attention with its LSE: ``(out, lse)``; used by methods that need statistics of a dense step."""
     return reference.dense_attention(q, k, v, scale=scale)
-
-
-def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Tensor:
-    """Block means of (B, H, N, D) as float32 (B, H, ceil(N/block), D); see the reference for details."""
-    return reference.mean_pool(x, block, smooth=smooth)
-
-
-def lut_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A boolean block mask as ``(kv_indices, kv_counts)`` without host synchronisation."""
-    return reference.lut_from_mask(mask)
-
-
-def topk_mask(scores: torch.Tensor, k: int, *, forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Forced blocks plus the highest-scoring others, ``k`` per row in all."""
-    return reference.topk_mask(scores, k, forced=forced)

@@ -96,7 +96,10 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     n_qb = math.ceil(n / block_m)
     n_kb = math.ceil(n / block_n)
-    max_blocks = kv_indices.shape[-1]
+    # Work only on the used part of the LUT (a host sync is fine on this CPU/oracle path): cost follows density.
+    width = kv_indices.shape[-1]  # the mass output keeps the caller's LUT width
+    max_blocks = min(width, int(kv_counts.max().item()) if kv_counts.numel() else 0)
+    kv_indices = kv_indices[..., :max_blocks]
 
     pad_k = n_kb * block_n - n
     kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad_k)).view(b, h, n_kb, block_n, d)
@@ -107,7 +110,7 @@ def block_sparse_attention(
 
     out = torch.zeros(b, h, n_qb, block_m, dv, device=q.device, dtype=torch.float32)
     lse = torch.full((b, h, n_qb, block_m), float("-inf"), device=q.device, dtype=torch.float32)
-    mass = torch.zeros(b, h, n_qb, max_blocks, device=q.device, dtype=torch.float32)
+    mass = torch.zeros(b, h, n_qb, width, device=q.device, dtype=torch.float32)
     query_valid = (torch.arange(n_qb * block_m, device=q.device) < n).view(n_qb, block_m)
     if max_blocks == 0:
         out = out.view(b, h, -1, dv)[:, :, :n].to(q.dtype)
@@ -138,7 +141,7 @@ def block_sparse_attention(
         if return_mass:
             rows_ok = query_valid[start:stop].float()  # (R, block_m)
             per_slot = probs.view(b, h, rows, block_m, max_blocks, block_n).sum(-1)  # (B, H, R, block_m, M)
-            mass[:, :, start:stop] = (per_slot * rows_ok[..., None]).sum(3) / rows_ok.sum(-1)[:, None]
+            mass[:, :, start:stop, :max_blocks] = (per_slot * rows_ok[..., None]).sum(3) / rows_ok.sum(-1)[:, None]
 
     out = out.view(b, h, n_qb * block_m, dv)[:, :, :n].to(q.dtype)
     lse = lse.view(b, h, n_qb * block_m)[:, :, :n]

@@ -22,6 +22,8 @@ class SparseResult:
     density: torch.Tensor | float  # achieved block density over all query blocks
     video_density: torch.Tensor | float | None = None  # over query blocks holding no text
     kind: str = "sparse"  # "sparse", or "refresh" when the method computed full attention for statistics
+    pattern_built: bool | None = None  # True: pattern (LUT) rebuilt for this call; False: reused from the cache
+    adaptive: bool = False  # the refresh was triggered by drift, not by the schedule
 
 
 @dataclass

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import kernels
 from ..patterns.common import forced_blocks
 from .base import Method, SiteCall, SparseResult
+from .composed import ComposedMethod
 
 __all__ = ["BlockTopK", "DenseMethod", "topk_block_mask"]
 
@@ -67,12 +66,11 @@ class DenseMethod(Method):
         return "method"
 
 
-class BlockTopK(Method):
-    """Mean-pooled block top-k with smooth-K, per head; self, text and sink blocks always kept."""
+class BlockTopK(ComposedMethod):
+    """Mean-pooled block top-k with smooth-K, per head; self, text and sink blocks always kept.
+
+    The composed method with its default parts (pattern ``topk``, compensation ``none``), so every other part
+    can still be mixed in through options.
+    """
 
     name = "blocktopk"
-
-    def attend(self, call: SiteCall) -> SparseResult:
-        n_k = math.ceil(call.k.shape[2] / self.config.block_n)
-        mask, dense_rows = topk_block_mask(call, keep_count(self.config.sparsity, n_k))
-        return run_block_mask(call, mask, dense_rows)

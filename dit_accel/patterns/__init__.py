@@ -1,5 +1,148 @@
-"""Block patterns: which key blocks each query block attends to."""
+"""Block patterns: which key blocks each query block attends to.
 
+:func:`plan_for` fixes the token order a pattern needs (3D tiles, VMoBA chunks, or the native order) from the
+geometry alone; :func:`build_pattern` decides the block mask for one call in that order. Every pattern keeps the
+self blocks, the text rows and columns of joint attention and the sink blocks (:func:`forced_blocks`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from ..config import AccelConfig
+from ..layout import TokenLayout
 from .common import forced_blocks, self_blocks
+from .geometry import GroupGeometry, auto_tile, block_group_overlap, coarsen, group_geometry, window_extents
+from .scored import head_threshold_mask, keep_count, negligible_mask, pooled_scores
+from .vmoba import chunk_means, partition_of, vmoba_chunk_shape, vmoba_threshold, vmoba_topk
+from .window import raster_block_mask, window_group_mask
 
-__all__ = ["forced_blocks", "self_blocks"]
+__all__ = [
+    "GEOMETRIC_PATTERNS",
+    "Pattern",
+    "Plan",
+    "build_pattern",
+    "forced_blocks",
+    "plan_for",
+    "self_blocks",
+]
+
+GEOMETRIC_PATTERNS = ("window", "inward", "raster", "vmoba")
+STATIC_PATTERNS = ("window", "inward", "raster")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Geometry of one site for one sequence shape: the kernel token order and the groups in it.
+
+    Attributes:
+        n: sequence length.
+        perm / inv: kernel order (``x[..., perm, :]``) and its inverse; None when the native order is used.
+        groups: tiles or chunks in kernel order (None for the non-geometric orders).
+        forced / dense_rows: :func:`forced_blocks` in kernel order.
+        partition: VMoBA partition (0, 1, 2) of this site, else -1.
+    """
+
+    n: int
+    perm: torch.Tensor | None
+    inv: torch.Tensor | None
+    groups: GroupGeometry | None
+    forced: torch.Tensor
+    dense_rows: torch.Tensor
+    partition: int = -1
+
+
+@dataclass
+class Pattern:
+    """A block mask in kernel order plus what compensation needs about it."""
+
+    mask: torch.Tensor  # bool (B or 1, H or 1, n_q, n_k)
+    negligible: torch.Tensor | None = None  # bool like mask, SLA's skipped blocks
+    static: bool = False  # depends on geometry only: valid for the whole generation
+
+
+def _tile_for(config: AccelConfig, layout: TokenLayout) -> tuple[int, int, int]:
+    if config.tile is not None:
+        return config.tile
+    return auto_tile(layout.grid, min(config.block_m, config.block_n))
+
+
+def plan_for(config: AccelConfig, layout: TokenLayout | None, n: int, site_index: int, device: torch.device) -> Plan:
+    """The token order and groups a site's pattern works in (pure geometry, cacheable per shape)."""
+    pattern = config.pattern
+    geo_layout = layout if layout is not None and layout.total_tokens == n else None
+    groups = None
+    partition = -1
+    if geo_layout is not None and pattern == "vmoba":
+        partition = partition_of(site_index)
+        shape = vmoba_chunk_shape(geo_layout.grid, partition, config.vmoba_chunks[partition])
+        groups = group_geometry(geo_layout, shape, device)
+    elif geo_layout is not None and (pattern in ("window", "inward") or (config.tiled and pattern != "raster")):
+        groups = group_geometry(geo_layout, _tile_for(config, geo_layout), device)
+    # forced blocks: the text tokens stay in place under every permutation, so the native layout holds
+    forced, dense_rows = forced_blocks(
+        n, config.block_m, config.block_n, geo_layout, sink_blocks=config.sink_blocks, device=device
+    )
+    perm = groups.perm if groups is not None else None
+    inv = groups.inv if groups is not None else None
+    if groups is not None and perm is None:
+        groups = GroupGeometry(None, None, groups.group_of, groups.n_groups, groups.group_coords, groups.group_grid)
+    return Plan(n, perm, inv, groups, forced, dense_rows, partition)
+
+
+def build_pattern(
+    config: AccelConfig,
+    plan: Plan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: TokenLayout | None,
+    scale: float | None,
+) -> Pattern:
+    """The block mask of ``config.pattern`` for q, k given in the plan's kernel order."""
+    pattern = config.pattern
+    n_k = math.ceil(plan.n / config.block_n)
+    forced = plan.forced
+    if pattern in ("topk", "threshold"):
+        scores = pooled_scores(q, k, config.block_m, config.block_n, config.smooth_k, scale)
+        forced_b = forced.expand_as(scores)
+        if pattern == "topk":
+            mask = kernels.topk_mask(scores, keep_count(config.sparsity, n_k), forced=forced_b)
+        elif config.threshold_scope == "row":
+            mask = kernels.threshold_mask(scores, config.tau, forced=forced_b)
+        else:
+            mask = head_threshold_mask(scores, config.tau, forced=forced_b)
+        negligible = negligible_mask(scores, mask, config.negligible) if config.negligible > 0 else None
+        return Pattern(mask, negligible)
+    if layout is None or plan.groups is None and pattern != "raster":
+        raise ValueError(f"pattern={pattern!r} needs the token layout (grid) of the sequence")
+    if pattern == "raster":
+        fraction = config.raster_fraction if config.raster_fraction is not None else 1.0 - config.sparsity
+        mask = raster_block_mask(layout, config.block_m, config.block_n, fraction).to(q.device)
+        return Pattern((mask | forced)[None, None], static=True)
+    groups = plan.groups
+    assert groups is not None
+    q_over = block_group_overlap(groups.group_of, config.block_m, groups.n_groups)
+    k_over = block_group_overlap(groups.group_of, config.block_n, groups.n_groups)
+    if pattern in ("window", "inward"):
+        extents = config.window or window_extents(groups.group_grid, 1.0 - config.sparsity)
+        gm = window_group_mask(groups.group_coords, groups.group_grid, extents, inward=pattern == "inward")
+        mask = coarsen(gm, q_over, k_over) | forced
+        return Pattern(mask[None, None], static=True)
+    # vmoba
+    pq = kernels.mean_pool(q, config.block_m)  # (B, H, n_q, D): the gate of a block is the mean of its queries'
+    gate = torch.matmul(pq, chunk_means(k, groups.group_of, groups.n_groups).transpose(-1, -2))
+    self_chunks = q_over[None, None].expand_as(gate)
+    if config.vmoba_select == "topk":
+        if config.vmoba_topk is not None:
+            keep = config.vmoba_topk[plan.partition]
+        else:
+            keep = keep_count(config.sparsity, groups.n_groups)
+        chunks = vmoba_topk(gate, self_chunks, keep)
+    else:
+        chunks = vmoba_threshold(gate, self_chunks, config.tau)
+    mask = (chunks.float() @ k_over.float().T) > 0
+    return Pattern(mask | forced)

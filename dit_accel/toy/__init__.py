@@ -1,1 +1,7 @@
-"""A small trained video DiT (a real diffusers ``WanTransformer3DModel``) so renders and sweeps mean something offline."""
+"""A small trained video DiT (a stock diffusers Wan transformer) so renders and sweeps mean something offline."""
+
+from .data import make_batch, make_sample
+from .pipeline import ToyVideoPipeline, ToyVideoPipelineOutput
+from .text import VOCAB, ToyTextEncoder
+
+__all__ = ["VOCAB", "ToyTextEncoder", "ToyVideoPipeline", "ToyVideoPipelineOutput", "make_batch", "make_sample"]

@@ -75,14 +75,16 @@ def flow_matching_loss(
     shift: float,
     generator: torch.Generator,
     cond_drop: float = 0.0,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Rectified flow: x_t = (1 - s) x0 + s eps, predict v = eps - x0 (Wan's parametrisation), timestep = 1000 s."""
     b = x0.shape[0]
     if cond_drop > 0:
         drop = torch.rand(b, generator=generator) < cond_drop
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-    noise = torch.randn(x0.shape, generator=generator)
-    sigma = sample_sigmas(b, shift, generator)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    sigma = sample_sigmas(b, shift, generator).to(device)
+    x0 = x0.to(device)
     s = sigma.view(b, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     emb = text_encoder.encode(prompts)

@@ -31,6 +31,8 @@ class ToyVideoPipeline(DiffusionPipeline):
     """Text-to-video in pixel space with a small ``WanTransformer3DModel`` and a word-level text encoder."""
 
     model_cpu_offload_seq = "text_encoder->transformer"
+    # A prompt from the training grammar, for callers (e.g. ``dit-accel render``) that have none of their own.
+    default_prompt = "a red circle moves right over a striped background"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(

@@ -1,0 +1,294 @@
+"""Quality-vs-speed sweep: methods x sparsity (x schedule options) x seeds, resumable and shardable.
+
+``DIR/results.json`` is rewritten after every record, so an interrupted sweep resumes where it stopped
+(finished records are kept and skipped). Under ``accelerate launch`` / ``torchrun`` every process takes a
+contiguous share of the remaining records (grouped by seed, so each process computes few baselines), writes
+``DIR/parts/rank{r}.json``, and rank 0 merges the parts and writes the report once all are done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import config as _config
+from .evaluate import BaselineCache, config_key, evaluate
+
+__all__ = [
+    "SweepSpec",
+    "build_grid",
+    "dist_info",
+    "load_results",
+    "merge_parts",
+    "record_id",
+    "run_sweep",
+    "shard",
+]
+
+RESULTS = "results.json"
+PARTS = "parts"
+
+
+@dataclass
+class SweepSpec:
+    """What to sweep. ``methods=None`` means every entry of ``dit_accel.METHODS`` at the time of the call.
+
+    Attributes:
+        schedule: extra grid axes, option name -> values (e.g. ``{"dense_steps": [0, 0.25]}``).
+        options: fixed options added to every configuration (e.g. ``{"min_tokens": 0}``).
+        paper_at_defaults: presets whose name ends in ``-paper`` keep their published settings (sparsity and
+            schedule axes are not applied to them), so they appear as single reference points.
+    """
+
+    model: str = "tiny-wan"
+    methods: Sequence[str] | None = None
+    sparsity: Sequence[float] = (0.8, 0.9, 0.95)
+    seeds: Sequence[int] = (0,)
+    prompts: Sequence[str | None] = (None,)
+    steps: int | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    schedule: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    probe_steps: Sequence[int] | None = (-1,)
+    probe_layers: Sequence[int] | None = None
+    lpips: bool = True
+    paper_at_defaults: bool = True
+    warmup: bool = True
+    device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
+    dtype: str | None = None
+
+    def resolved_methods(self) -> list[str]:
+        methods = list(_config.METHODS) if not self.methods else list(self.methods)
+        unknown = [m for m in methods if m not in _config.PRESETS]
+        if unknown:
+            raise ValueError(
+                f"--methods: unknown {', '.join(map(repr, unknown))}; available: {', '.join(_config.METHODS)}"
+            )
+        return methods
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["methods"] = self.resolved_methods()
+        return out
+
+
+def build_grid(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every configuration of the sweep, validated (a bad option fails here, before any rendering)."""
+    axes = list(spec.schedule.items())
+    configs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for method in spec.resolved_methods():
+        fixed = dict(spec.options)
+        if method == "dense" or (spec.paper_at_defaults and method.endswith("-paper")):
+            variants = [{}]
+        else:
+            names = [name for name, _ in axes]
+            variants = [
+                {"sparsity": float(s), **dict(zip(names, values))}
+                for s in spec.sparsity
+                for values in itertools.product(*(vals for _, vals in axes))
+            ]
+        for variant in variants:
+            cfg = {"method": method, **fixed, **variant}
+            options = {k: v for k, v in cfg.items() if k != "method"}
+            _config.resolve_config(method, **options)
+            key = config_key(cfg)
+            if key not in seen:
+                seen.add(key)
+                configs.append(cfg)
+    return configs
+
+
+def record_id(key: str, seed: int, prompt: str | None) -> str:
+    """Identity of one record: configuration, seed and prompt."""
+    return json.dumps([key, int(seed), prompt])
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): from accelerate's ``PartialState`` when it is initialised, else ``RANK``/``WORLD_SIZE``."""
+    try:
+        from accelerate.state import PartialState
+
+        if PartialState._shared_state:
+            state = PartialState()
+            return int(state.process_index), int(state.num_processes)
+    except Exception:  # noqa: BLE001 - accelerate missing or not configured: fall back to the environment
+        pass
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return rank, max(1, world)
+
+
+def shard(items: Sequence[Any], rank: int, world: int) -> list[Any]:
+    """Contiguous share ``rank`` of ``world``: order-preserving, sizes differ by at most one."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank={rank} is outside world size {world}")
+    n = len(items)
+    return list(items[rank * n // world : (rank + 1) * n // world])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def load_results(out: Path) -> dict[str, Any]:
+    """The results file, or an empty one."""
+    path = out / RESULTS
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"spec": None, "records": [], "baselines": {}}
+
+
+def _part_paths(out: Path) -> list[Path]:
+    folder = out / PARTS
+    return sorted(folder.glob("rank*.json")) if folder.exists() else []
+
+
+def merge_parts(out: Path, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fold every process's part file into ``results.json`` (later records win), then delete the parts."""
+    results = load_results(out)
+    by_id = {record_id(r["key"], r["seed"], r.get("prompt")): r for r in results["records"]}
+    parts = _part_paths(out)
+    for part in parts:
+        for record in json.loads(part.read_text()).get("records", []):
+            by_id[record_id(record["key"], record["seed"], record.get("prompt"))] = record
+    results["records"] = list(by_id.values())
+    if spec is not None:
+        results["spec"] = spec
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / RESULTS, json.dumps(results, indent=1, default=str))
+    for part in parts:
+        part.unlink()
+    if (out / PARTS).exists():
+        for marker in (out / PARTS).glob("done.*"):
+            marker.unlink()
+        if not any((out / PARTS).iterdir()):
+            (out / PARTS).rmdir()
+    return results
+
+
+def _finished(out: Path) -> set[str]:
+    """Records already done: in results.json and in parts left by an interrupted multi-process run."""
+    records = list(load_results(out)["records"])
+    for part in _part_paths(out):
+        try:
+            records += json.loads(part.read_text()).get("records", [])
+        except json.JSONDecodeError:
+            continue
+    return {record_id(r["key"], r["seed"], r.get("prompt")) for r in records if "error" not in r}
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    world: int | None = None,
+    progress: bool = True,
+    wait_timeout_s: float = 24 * 3600.0,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) a sweep into ``out``; returns ``{"done", "skipped", "records", "files"}``.
+
+    Every process calls this with the same arguments; ``rank``/``world`` default to :func:`dist_info`.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank is None or world is None:
+        rank, world = dist_info()
+    configs = build_grid(spec)
+    finished = _finished(out)
+    pairs = [(p, s) for p in spec.prompts for s in spec.seeds]
+    todo = [
+        (cfg, prompt, seed)
+        for prompt, seed in pairs
+        for cfg in configs
+        if record_id(config_key(cfg), seed, prompt) not in finished
+    ]
+    total = len(configs) * len(pairs)
+    mine = shard(todo, rank, world)
+    spec_dict = spec.to_dict()
+
+    part_records: list[dict[str, Any]] = []
+    part_path = out / PARTS / f"rank{rank}.json"
+    if world > 1:
+        part_path.parent.mkdir(parents=True, exist_ok=True)
+        (out / PARTS / f"done.rank{rank}").unlink(missing_ok=True)
+
+    results = load_results(out)
+    if world == 1:
+        results["spec"] = spec_dict
+
+    def save(record: dict[str, Any]) -> None:
+        if world > 1:
+            part_records.append(record)
+            _atomic_write(part_path, json.dumps({"records": part_records}, default=str))
+        else:
+            rid = record_id(record["key"], record["seed"], record.get("prompt"))
+            results["records"] = [
+                r for r in results["records"] if record_id(r["key"], r["seed"], r.get("prompt")) != rid
+            ] + [record]
+            _atomic_write(out / RESULTS, json.dumps(results, indent=1, default=str))
+        bar.update(1)
+
+    bar = tqdm(total=len(mine), desc=f"sweep[{rank}/{world}]" if world > 1 else "sweep", disable=not progress)
+    if mine:
+        from ..render import load_pipeline
+
+        pipe, defaults = load_pipeline(spec.model, device=spec.device, dtype=spec.dtype)
+        baselines = BaselineCache(out / "baselines", tag=spec.model)
+        mine_ids = {record_id(config_key(c), s, p) for c, p, s in mine}
+        groups: dict[tuple[str | None, int], list[dict[str, Any]]] = {}
+        for cfg, prompt, seed in mine:
+            groups.setdefault((prompt, seed), []).append(cfg)
+        for index, ((prompt, seed), cfgs) in enumerate(groups.items()):
+            evaluate(
+                pipe,
+                cfgs,
+                seeds=[seed],
+                prompts=[prompt],
+                call_kwargs=defaults,
+                steps=spec.steps,
+                frames=spec.frames,
+                height=spec.height,
+                width=spec.width,
+                probe_steps=spec.probe_steps,
+                probe_layers=spec.probe_layers,
+                use_lpips=spec.lpips,
+                baselines=baselines,
+                on_record=save,
+                skip=lambda key, s, p: record_id(key, s, p) not in mine_ids,
+                keep_going=True,
+                warmup=spec.warmup and index == 0,
+            )
+    bar.close()
+
+    files: dict[str, str] = {}
+    if world > 1:
+        (out / PARTS / f"done.rank{rank}").write_text(str(len(mine)))
+        if rank != 0:
+            return {"done": len(mine), "skipped": total - len(todo), "records": part_records, "files": files}
+        deadline = time.monotonic() + wait_timeout_s
+        while not all((out / PARTS / f"done.rank{r}").exists() for r in range(world)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sweep: ranks did not finish within {wait_timeout_s:.0f} s; rerun to resume")
+            time.sleep(0.5)
+        results = merge_parts(out, spec_dict)
+    files["results"] = str(out / RESULTS)
+    if report:
+        from .report import write_report
+
+        files.update(write_report(results["records"], out, spec=spec_dict))
+    return {"done": len(mine), "skipped": total - len(todo), "records": results["records"], "files": files}

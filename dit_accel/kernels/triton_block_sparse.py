@@ -1,0 +1,1183 @@
+"""Triton kernels: block-sparse attention (+ per-block mass, + sparse/full pair), fused sparse-linear attention
+(SLA), and the on-device pattern kernels (pooling, top-k / cumulative-threshold selection to a LUT, token gather).
+
+Every public function has the signature and semantics of its namesake in :mod:`dit_accel.kernels.reference`,
+which is the oracle in the tests. Design points (see docs/kernels.md):
+
+* grid = (query tile, batch x head) with the query tile fastest, so the tiles of one head run together and share
+  its K/V in L2;
+* online softmax in base 2 with ``scale * log2(e)`` folded into one multiply, float32 accumulation, natural-log LSE;
+* K/V come through TMA tensor descriptors where Triton has them and the card is Hopper or newer (an autotuned
+  choice), else through plain pointer loads; the same source runs on Triton 3.6 and 3.9;
+* launch configurations are autotuned per card and shape and kept in ``~/.cache/dit_accel/autotune.json``; no
+  launch reads a device value on the host, so every call is CUDA-graph capturable (tune once before capturing).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+
+try:  # host-side TMA descriptors (Triton >= 3.4); absent on older Triton: pointer loads only
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover - depends on the installed Triton
+    TensorDescriptor = None
+
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_attention_pair",
+    "inverse_permutation",
+    "lut_from_mask",
+    "mean_pool",
+    "permute_tokens",
+    "pooled_topk_lut",
+    "sparse_linear_attention",
+    "threshold_mask",
+    "topk_mask",
+    "unpermute_tokens",
+]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_MAX_SELECT_WIDTH = 16384  # widest LUT row the one-tile selection kernel handles; wider rows use torch ops
+
+_FEATURE_MAPS = {"softmax": 0, "elu": 1}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# The interpreter (numpy) computes tl.dot on bfloat16 operands wrongly (Triton 3.9); under it, 16-bit operands
+# are widened to float32 first, which is what the tensor cores' float32 accumulation gives anyway.
+_EMULATE_LOWP_DOT = tl.constexpr(_interpreting())
+
+# ----------------------------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(
+    base,
+    desc,
+    off_b,
+    off_h,
+    start,
+    n_rows,
+    stride_n,
+    d_real,
+    BLOCK: tl.constexpr,
+    HEAD: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """A (BLOCK, HEAD) tile of rows ``start..start+BLOCK`` of one head; rows >= n_rows and columns >= d_real are 0."""
+    if USE_TMA:
+        tile = tl.reshape(desc.load([off_b.to(tl.int32), off_h.to(tl.int32), start, 0]), (BLOCK, HEAD))
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        cols = tl.arange(0, HEAD)
+        ptrs = base + offs[:, None].to(tl.int64) * stride_n + cols[None, :]
+        if MASKED:
+            tile = tl.load(ptrs, mask=(offs[:, None] < n_rows) & (cols[None, :] < d_real), other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _mm(a, b, FP32: tl.constexpr):
+    """a @ b with float32 accumulation: exact IEEE for float32 inputs, tensor cores for 16-bit ones."""
+    if FP32:
+        out = tl.dot(a, b, input_precision="ieee")
+    elif _EMULATE_LOWP_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _mm_acc(a, b, acc, FP32: tl.constexpr):
+    """acc + a @ b, accumulated inside the MMA (no separate product tile: fewer live registers)."""
+    if FP32:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    elif _EMULATE_LOWP_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _scores(q, k, start_n, N, qk_scale, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, FP32: tl.constexpr):
+    """Scores in log2 units, ``q k^T * scale * log2(e)``; keys past N are -inf."""
+    qk = _mm(q, tl.trans(k), FP32) * qk_scale
+    if MASK_N:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        qk = tl.where(offs_n[None, :] < N, qk, float("-inf"))
+    return qk
+
+
+@triton.jit
+def _pv(p, v, FP32: tl.constexpr):
+    return _mm(p.to(v.dtype), v, FP32)
+
+
+@triton.jit
+def _feature_map(x, valid_cols, PHI: tl.constexpr):
+    """phi over the head dimension of a float32 tile: 0 = softmax, 1 = elu + 1; padded columns give 0."""
+    if PHI == 0:
+        x = tl.where(valid_cols[None, :], x, float("-inf"))
+        e = tl.math.exp2((x - tl.max(x, 1)[:, None]) * 1.4426950408889634)
+        out = e / tl.sum(e, 1)[:, None]
+    else:
+        out = tl.where(x > 0, x + 1.0, tl.math.exp2(tl.minimum(x, 0.0) * 1.4426950408889634))
+        out = tl.where(valid_cols[None, :], out, 0.0)
+    return out
+
+
+@triton.jit
+def _attend_lut(
+    q,
+    k_base,
+    v_base,
+    k_desc,
+    v_desc,
+    lut_row,
+    count,
+    off_b,
+    off_h,
+    N,
+    n_kb,
+    stride_kn,
+    stride_vn,
+    D,
+    DV,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILE_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASK_KV: tl.constexpr,
+    FP32: tl.constexpr,
+):
+    """Online softmax over the ``count`` key blocks listed in ``lut_row``, each in BLOCK_N / TILE_N key tiles;
+    returns (m, l, acc) in log2 units. (A 64-key tile keeps a 128 x 128 head-dim-128 program out of spills.)"""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
+    SUBS: tl.constexpr = BLOCK_N // TILE_N
+    for t in range(0, count * SUBS):  # one flat loop over key tiles: one body for the software pipeliner
+        kb = tl.minimum(tl.maximum(tl.load(lut_row + t // SUBS), 0), n_kb - 1)
+        start_n = kb * BLOCK_N + (t % SUBS) * TILE_N
+        k = _load_rows(k_base, k_desc, off_b, off_h, start_n, N, stride_kn, D, TILE_N, HEAD_D, USE_TMA, MASK_KV)
+        qk = _scores(q, k, start_n, N, qk_scale, TILE_N, MASK_N, FP32)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, v_desc, off_b, off_h, start_n, N, stride_vn, DV, TILE_N, HEAD_DV, USE_TMA, MASK_KV)
+        acc = _mm_acc(p.to(v.dtype), v, acc * alpha[:, None], FP32)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _store_out_lse(
+    O, LSE, o_base, lse_base, acc, m_i, l_i, offs_m, N, stride_on, DV, HEAD_DV: tl.constexpr, WRITE_LSE: tl.constexpr
+):
+    """out = acc / l (0 for an empty row), natural-log lse (-inf for an empty row)."""
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    cols = tl.arange(0, HEAD_DV)
+    ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_on + cols[None, :]
+    tl.store(ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & (cols[None, :] < DV))
+    if WRITE_LSE:
+        lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_base + offs_m, lse, mask=offs_m < N)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# block-sparse attention (+ mass)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bsa_fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    MASS,
+    LUT,
+    CNT,
+    k_desc,
+    v_desc,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    son,
+    slb,
+    slh,
+    slq,
+    scb,
+    sch,
+    smb,
+    smh,
+    smq,
+    H,
+    N,
+    n_kb,
+    D,
+    DV,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    LUT_BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILE_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASK_KV: tl.constexpr,
+    FP32: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    WRITE_MASS: tl.constexpr,
+    MASS_ATOMIC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    qb = start_m // LUT_BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_base = Q + off_b * sqb + off_h * sqh
+    k_base = K + off_b * skb + off_h * skh
+    v_base = V + off_b * svb + off_h * svh
+    lut_row = LUT + off_b * slb + off_h * slh + qb * slq
+    count = tl.load(CNT + off_b * scb + off_h * sch + qb)
+
+    q = _load_rows(q_base, q_base, off_b, off_h, start_m, N, sqn, D, BLOCK_M, HEAD_D, False, True)
+    m_i, l_i, acc = _attend_lut(
+        q, k_base, v_base, k_desc, v_desc, lut_row, count, off_b, off_h, N, n_kb, skn, svn, D, DV, qk_scale,
+        BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, FP32,
+    )  # fmt: skip
+    _store_out_lse(
+        O, LSE, O + off_b * sob + off_h * soh, LSE + pid_bh.to(tl.int64) * N, acc, m_i, l_i, offs_m, N, son, DV,
+        HEAD_DV, WRITE_LSE,
+    )  # fmt: skip
+
+    if WRITE_MASS:
+        # Second pass over the row with the final (m, l): exact per-block probability mass, QK^T recomputed.
+        has = l_i > 0
+        weight = tl.where(has & (offs_m < N), 1.0 / tl.where(has, l_i, 1.0), 0.0)
+        rows_real = tl.minimum(N - qb * LUT_BLOCK_M, LUT_BLOCK_M).to(tl.float32)
+        mass_row = MASS + off_b * smb + off_h * smh + qb * smq
+        for i in range(0, count):
+            kb = tl.minimum(tl.maximum(tl.load(lut_row + i), 0), n_kb - 1)
+            blk = 0.0
+            for sub in tl.static_range(BLOCK_N // TILE_N):
+                start_n = kb * BLOCK_N + sub * TILE_N
+                k = _load_rows(k_base, k_desc, off_b, off_h, start_n, N, skn, D, TILE_N, HEAD_D, USE_TMA, MASK_KV)
+                qk = _scores(q, k, start_n, N, qk_scale, TILE_N, MASK_N, FP32)
+                p = tl.math.exp2(qk - m_i[:, None]) * weight[:, None]
+                blk += tl.sum(tl.sum(p, 1), 0)
+            blk = blk / rows_real
+            if MASS_ATOMIC:
+                tl.atomic_add(mass_row + i, blk)
+            else:
+                tl.store(mass_row + i, blk)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparse + full pair (Re-ttention refresh)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pair_fwd(
+    Q,
+    K,
+    V,
+    OS,
+    LSES,
+    OF,
+    LSEF,
+    LUT,
+    CNT,
+    k_desc,
+    v_desc,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    son,
+    slb,
+    slh,
+    slq,
+    scb,
+    sch,
+    H,
+    N,
+    n_kb,
+    max_blocks,
+    D,
+    DV,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    LUT_BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILE_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASK_KV: tl.constexpr,
+    FP32: tl.constexpr,
+):
+    """One pass over all key blocks; the sparse state shares the full state's running max, so a selected block's
+    p and p @ V are computed once and added to both accumulators."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    qb = start_m // LUT_BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_base = Q + off_b * sqb + off_h * sqh
+    k_base = K + off_b * skb + off_h * skh
+    v_base = V + off_b * svb + off_h * svh
+    lut_row = LUT + off_b * slb + off_h * slh + qb * slq
+    count = tl.load(CNT + off_b * scb + off_h * sch + qb)
+
+    q = _load_rows(q_base, q_base, off_b, off_h, start_m, N, sqn, D, BLOCK_M, HEAD_D, False, True)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_f = tl.zeros([BLOCK_M], tl.float32)
+    l_s = tl.zeros([BLOCK_M], tl.float32)
+    acc_f = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
+    acc_s = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
+    ptr = tl.full([], 0, tl.int32)
+    nxt = tl.load(lut_row)
+    SUBS: tl.constexpr = BLOCK_N // TILE_N
+    for t in range(0, n_kb * SUBS):  # key tiles in order; the LUT pointer moves after a block's last tile
+        j = t // SUBS
+        sel = (ptr < count) & (nxt == j)
+        w = sel.to(tl.float32)
+        start_n = t * TILE_N
+        k = _load_rows(k_base, k_desc, off_b, off_h, start_n, N, skn, D, TILE_N, HEAD_D, USE_TMA, MASK_KV)
+        qk = _scores(q, k, start_n, N, qk_scale, TILE_N, MASK_N, FP32)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        v = _load_rows(v_base, v_desc, off_b, off_h, start_n, N, svn, DV, TILE_N, HEAD_DV, USE_TMA, MASK_KV)
+        pv = _pv(p, v, FP32)
+        row = tl.sum(p, 1)
+        acc_f = acc_f * alpha[:, None] + pv
+        l_f = l_f * alpha + row
+        acc_s = acc_s * alpha[:, None] + pv * w
+        l_s = l_s * alpha + row * w
+        m_i = m_new
+        ptr += (sel & (t % SUBS == SUBS - 1)).to(tl.int32)
+        nxt = tl.load(lut_row + tl.minimum(ptr, max_blocks - 1))
+    lse_off = pid_bh.to(tl.int64) * N
+    _store_out_lse(OS, LSES, OS + off_b * sob + off_h * soh, LSES + lse_off, acc_s, m_i, l_s, offs_m, N, son, DV,
+                   HEAD_DV, True)  # fmt: skip
+    _store_out_lse(OF, LSEF, OF + off_b * sob + off_h * soh, LSEF + lse_off, acc_f, m_i, l_f, offs_m, N, son, DV,
+                   HEAD_DV, True)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparse-linear attention (SLA)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _kv_stats(
+    K,
+    V,
+    S,
+    Z,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    H,
+    N,
+    n_kb,
+    D,
+    DV,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    PHI: tl.constexpr,
+    FP32: tl.constexpr,
+):
+    """Per key block j: S_j = phi(K_j)^T V_j (HEAD_D x HEAD_DV) and Z_j = sum of phi(K_j) rows, tail rows excluded."""
+    j = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    start_n = j * BLOCK_N
+    k = _load_rows(K + off_b * skb + off_h * skh, K, off_b, off_h, start_n, N, skn, D, BLOCK_N, HEAD_D, False, True)
+    v = _load_rows(V + off_b * svb + off_h * svh, V, off_b, off_h, start_n, N, svn, DV, BLOCK_N, HEAD_DV, False, True)
+    cols = tl.arange(0, HEAD_D)
+    rows = start_n + tl.arange(0, BLOCK_N)
+    phik = _feature_map(k.to(tl.float32), cols < D, PHI)
+    phik = tl.where(rows[:, None] < N, phik, 0.0)
+    s = _mm(tl.trans(phik), v.to(tl.float32), FP32)
+    z = tl.sum(phik, 0)
+    blk = pid_bh.to(tl.int64) * n_kb + j
+    cols_v = tl.arange(0, HEAD_DV)
+    tl.store(S + blk * (HEAD_D * HEAD_DV) + cols[:, None] * HEAD_DV + cols_v[None, :], s)
+    tl.store(Z + blk * HEAD_D + cols, z)
+
+
+@triton.jit
+def _add_stats(s, z, S, Z, blk, sign, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr):
+    cols = tl.arange(0, HEAD_D)
+    cols_v = tl.arange(0, HEAD_DV)
+    s += sign * tl.load(S + blk * (HEAD_D * HEAD_DV) + cols[:, None] * HEAD_DV + cols_v[None, :])
+    z += sign * tl.load(Z + blk * HEAD_D + cols)
+    return s, z
+
+
+@triton.jit
+def _sla_fwd(
+    Q,
+    K,
+    V,
+    O,
+    OL,
+    LSE,
+    LUT,
+    CNT,
+    NLUT,
+    NCNT,
+    MLUT,
+    MCNT,
+    S,
+    Z,
+    STOT,
+    ZTOT,
+    k_desc,
+    v_desc,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    son,
+    slb,
+    slh,
+    slq,
+    scb,
+    sch,
+    H,
+    N,
+    n_qb,
+    n_kb,
+    D,
+    DV,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    LUT_BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILE_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASK_KV: tl.constexpr,
+    FP32: tl.constexpr,
+    PHI: tl.constexpr,
+):
+    """Sparse FlashAttention over the LUT, then linear attention over the marginal blocks. The linear sums come
+    either from the global sums minus the selected and negligible blocks (SLA's pre-aggregation) or, when fewer
+    blocks are marginal than excluded, straight from the marginal blocks: whichever loads fewer S_j tiles."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    qb = start_m // LUT_BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_base = Q + off_b * sqb + off_h * sqh
+    k_base = K + off_b * skb + off_h * skh
+    v_base = V + off_b * svb + off_h * svh
+    lut_row = LUT + off_b * slb + off_h * slh + qb * slq
+    count = tl.load(CNT + off_b * scb + off_h * sch + qb)
+
+    q = _load_rows(q_base, q_base, off_b, off_h, start_m, N, sqn, D, BLOCK_M, HEAD_D, False, True)
+    m_i, l_i, acc = _attend_lut(
+        q, k_base, v_base, k_desc, v_desc, lut_row, count, off_b, off_h, N, n_kb, skn, svn, D, DV, qk_scale,
+        BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, FP32,
+    )  # fmt: skip
+    _store_out_lse(
+        O, LSE, O + off_b * sob + off_h * soh, LSE + pid_bh.to(tl.int64) * N, acc, m_i, l_i, offs_m, N, son, DV,
+        HEAD_DV, True,
+    )  # fmt: skip
+
+    # Linear branch. Rows of the helper LUTs are contiguous (B*H*n_qb, n_kb).
+    row = pid_bh.to(tl.int64) * n_qb + qb
+    neg_cnt = tl.load(NCNT + row)
+    marg_cnt = tl.load(MCNT + row)
+    s = tl.zeros([HEAD_D, HEAD_DV], tl.float32)
+    z = tl.zeros([HEAD_D], tl.float32)
+    blk0 = pid_bh.to(tl.int64) * n_kb
+    if marg_cnt <= count + neg_cnt:
+        for i in range(0, marg_cnt):
+            s, z = _add_stats(s, z, S, Z, blk0 + tl.load(MLUT + row * n_kb + i), 1.0, HEAD_D, HEAD_DV)
+    else:
+        s, z = _add_stats(s, z, STOT, ZTOT, pid_bh.to(tl.int64), 1.0, HEAD_D, HEAD_DV)
+        for i in range(0, count):
+            kb = tl.minimum(tl.maximum(tl.load(lut_row + i), 0), n_kb - 1)
+            s, z = _add_stats(s, z, S, Z, blk0 + kb, -1.0, HEAD_D, HEAD_DV)
+        for i in range(0, neg_cnt):
+            s, z = _add_stats(s, z, S, Z, blk0 + tl.load(NLUT + row * n_kb + i), -1.0, HEAD_D, HEAD_DV)
+    cols = tl.arange(0, HEAD_D)
+    phiq = _feature_map(q.to(tl.float32), cols < D, PHI)
+    num = _mm(phiq, s, FP32)
+    den = tl.sum(phiq * z[None, :], 1)
+    ok = (den > 0) & (marg_cnt > 0)
+    ol = tl.where(ok[:, None], num / tl.where(ok, den, 1.0)[:, None], 0.0)
+    cols_v = tl.arange(0, HEAD_DV)
+    ptrs = OL + off_b * sob + off_h * soh + offs_m[:, None].to(tl.int64) * son + cols_v[None, :]
+    tl.store(ptrs, ol.to(OL.dtype.element_ty), mask=(offs_m[:, None] < N) & (cols_v[None, :] < DV))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pattern kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pool_mean(X, OUT, sxb, sxh, sxn, H, N, n_blocks, D, POOL: tl.constexpr, TILE: tl.constexpr, HEAD_D: tl.constexpr):
+    """Mean of one block of ``POOL`` tokens (ragged last block: its real tokens), in tiles of TILE rows."""
+    j = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    base = X + off_b * sxb + off_h * sxh
+    cols = tl.arange(0, HEAD_D)
+    total = tl.zeros([HEAD_D], tl.float32)
+    start = j * POOL
+    for t in tl.static_range(0, POOL, TILE):
+        rows = start + t + tl.arange(0, TILE)
+        ok = (rows[:, None] < N) & (rows[:, None] < start + POOL) & (cols[None, :] < D)
+        x = tl.load(base + rows[:, None].to(tl.int64) * sxn + cols[None, :], mask=ok, other=0.0)
+        total += tl.sum(x.to(tl.float32), 0)
+    real = tl.minimum(N - start, POOL).to(tl.float32)
+    tl.store(OUT + (pid_bh.to(tl.int64) * n_blocks + j) * D + cols, total / real, mask=cols < D)
+
+
+@triton.jit
+def _select_lut(
+    SCORES,
+    MASK_IN,
+    FORCED,
+    MASK_OUT,
+    LUT,
+    CNT,
+    n_k,
+    k_sel,
+    tau,
+    MODE: tl.constexpr,
+    HAS_FORCED: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+    WRITE_LUT: tl.constexpr,
+    WIDTH: tl.constexpr,
+):
+    """One row of a block-score matrix to a selection and its LUT, with no sort and no host sync.
+
+    MODE 0: the selection is MASK_IN. MODE 1: top ``k_sel`` (forced blocks count first). MODE 2: the smallest set
+    of highest blocks whose softmax mass reaches ``tau``, plus forced. Selection is by a radix search on
+    order-preserving integer keys: 32 counting passes over the row find the threshold key, ties go to the lower
+    index (an inclusive prefix count over the tied entries). The LUT lists selected columns ascending, then the
+    unselected ones ascending (as :func:`reference.lut_from_mask`).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, WIDTH)
+    valid = offs < n_k
+    if MODE == 0:
+        sel = tl.load(MASK_IN + row * n_k + offs, mask=valid, other=0) != 0
+    else:
+        s = tl.load(SCORES + row * n_k + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        bits = s.to(tl.int32, bitcast=True)
+        skey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        ukey = skey.to(tl.int64) + 2147483648  # in [0, 2^32), same order as the floats
+        if HAS_FORCED:
+            forced = tl.load(FORCED + row * n_k + offs, mask=valid, other=0) != 0
+        else:
+            forced = offs < 0
+        if MODE == 1:
+            ukey = tl.where(forced, 4294967296, ukey)  # forced blocks rank above every score
+            ukey = tl.where(valid, ukey, -1)
+            t = tl.zeros([], tl.int64)
+            for step in tl.static_range(33):  # bits 32 (the forced rank) down to 0
+                cand = t + (1 << (32 - step))
+                c = tl.sum((ukey >= cand).to(tl.int32), 0)
+                t = tl.where(c >= k_sel, cand, t)
+            gt = ukey > t
+            need = k_sel - tl.sum(gt.to(tl.int32), 0)
+            eq = ukey == t
+            rank = tl.cumsum(eq.to(tl.int32), 0)
+            sel = gt | (eq & (rank <= need))
+        else:
+            ukey = tl.where(valid, ukey, -1)
+            e = tl.where(valid, tl.math.exp2((s - tl.max(s, 0)) * 1.4426950408889634), 0.0)
+            target = tau * tl.sum(e, 0)
+            t = tl.zeros([], tl.int64)
+            for step in tl.static_range(32):  # bits 31 down to 0
+                cand = t + (1 << (31 - step))
+                mass = tl.sum(tl.where(ukey >= cand, e, 0.0), 0)
+                t = tl.where(mass >= target, cand, t)
+            gt = ukey > t
+            mass_gt = tl.sum(tl.where(gt, e, 0.0), 0)
+            eq = ukey == t
+            e_eq = tl.where(eq, e, 0.0)
+            before = mass_gt + tl.cumsum(e_eq, 0) - e_eq
+            sel = gt | (eq & (before < target))
+        sel = (sel | forced) & valid
+    sel_i = sel.to(tl.int32)
+    cnt = tl.sum(sel_i, 0)
+    if WRITE_MASK:
+        tl.store(MASK_OUT + row * n_k + offs, sel.to(tl.int8), mask=valid)
+    if WRITE_LUT:
+        csum = tl.cumsum(sel_i, 0)
+        pos = tl.where(sel, csum - 1, cnt + offs - csum)
+        tl.store(LUT + row * n_k + pos, offs, mask=valid)
+        tl.store(CNT + row, cnt)
+
+
+@triton.jit
+def _gather_tokens(X, OUT, IDX, sxb, sxh, sxn, sob, soh, son, H, N, D, TILE: tl.constexpr, HEAD_D: tl.constexpr):
+    """out[b, h, i] = x[b, h, idx[i]] for a tile of TILE tokens."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    rows = pid * TILE + tl.arange(0, TILE)
+    cols = tl.arange(0, HEAD_D)
+    ok_r = rows < N
+    src = tl.load(IDX + rows, mask=ok_r, other=0).to(tl.int64)
+    ok = ok_r[:, None] & (cols[None, :] < D)
+    x = tl.load(X + off_b * sxb + off_h * sxh + src[:, None] * sxn + cols[None, :], mask=ok)
+    tl.store(OUT + off_b * sob + off_h * soh + rows[:, None].to(tl.int64) * son + cols[None, :], x, mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launch configuration: heuristics, autotuning with a persistent per-card cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Config(dict):
+    """Launch choices of the attention kernels: tile_m, num_warps, num_stages, tma."""
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("DIT_ACCEL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dit_accel")
+    return Path(root) / "autotune.json"
+
+
+_CACHE_LOCK = threading.Lock()
+_CACHE: dict[str, dict] | None = None
+
+
+def _load_cache() -> dict[str, dict]:
+    global _CACHE
+    if _CACHE is None:
+        try:
+            _CACHE = json.loads(_cache_path().read_text())
+        except (OSError, ValueError):
+            _CACHE = {}
+    return _CACHE
+
+
+def _save_cache(cache: dict[str, dict]) -> None:
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
+            json.dump(cache, fh, indent=1, sort_keys=True)
+        os.replace(fh.name, path)
+    except OSError:  # a read-only home still runs, it just retunes next time
+        pass
+
+
+@functools.cache
+def _card(device_index: int) -> str:
+    props = torch.cuda.get_device_properties(device_index)
+    return f"{props.name}|sm{props.major}{props.minor}|triton{triton.__version__}"
+
+
+def _tma_mode() -> str:
+    """``DIT_ACCEL_TMA``: ``auto`` (a tuning candidate on Hopper+), ``0`` (never), ``force`` (always where the
+    layout allows, also under the interpreter: how the tests cover the descriptor path on a CPU)."""
+    return os.environ.get("DIT_ACCEL_TMA", "auto").strip().lower()
+
+
+def _tma_eligible(*tensors: torch.Tensor) -> bool:
+    mode = _tma_mode()
+    if TensorDescriptor is None or mode == "0":
+        return False
+    if mode != "force" and (
+        _interpreting() or not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9
+    ):
+        return False
+    for t in tensors:
+        d = t.shape[-1]
+        if d & (d - 1) or d < 16 or t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((s * t.element_size()) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _default_config(kind: str, block_m: int, block_n: int, head_d: int, fp32: bool) -> _Config:
+    """The launch without benchmarking, chosen from ptxas register counts for sm_90 (Triton 3.9): 128 x 64 tiles
+    with 8 warps for block-sparse attention at head_dim 128 (128 x 128 at 64), no spills; 64 x 64 tiles for the
+    pair kernel (two accumulators) and SLA (plus a D x DV float32 state), 8 warps at head_dim > 64; pointer
+    loads. Float32 inputs take IEEE (non-tensor-core) dots: exact, slow, spilling."""
+    wide = head_d > 64
+    tile_m = min(block_m, 64 if (fp32 or kind != "bsa") else 128)
+    tile_n = min(block_n, 64 if (wide or fp32 or kind != "bsa") else 128)
+    warps = 8 if (tile_m == 128 or (kind != "bsa" and wide)) else 4
+    return _Config(tile_m=tile_m, tile_n=tile_n, num_warps=warps, num_stages=1 if fp32 else 2, tma=False)
+
+
+def _candidates(kind: str, block_m: int, block_n: int, head_d: int, fp32: bool, tma_ok: bool) -> list[_Config]:
+    """The default first, then query tile x key tile x warps (8 for 128-row tiles, 4 or 8 for 64) x TMA; pipeline
+    stages 2 or 3 only with TMA (ptxas shows the pointer path's indirect loads are not multi-buffered anyway)."""
+    out = [_default_config(kind, block_m, block_n, head_d, fp32)]
+    if tma_ok and _tma_mode() == "force":
+        out = [_Config(out[0], tma=True)]
+    tiles_m = [t for t in (64, 128) if t <= block_m and not (fp32 and t > 64)]
+    tiles_n = [t for t in (64, 128) if t <= block_n and not (fp32 and t > 64)]
+    for tile_m in tiles_m:
+        for tile_n in tiles_n:
+            for warps in (4, 8) if tile_m == 64 else (8,):
+                for tma, stages in [(False, 1 if fp32 else 2)] + ([(True, 2), (True, 3)] if tma_ok else []):
+                    cfg = _Config(tile_m=tile_m, tile_n=tile_n, num_warps=warps, num_stages=stages, tma=tma)
+                    if cfg not in out:
+                        out.append(cfg)
+    return out
+
+
+def _tuned(
+    name: str,
+    key: tuple,
+    device: torch.device,
+    candidates: Sequence[_Config],
+    launch: Callable[[_Config], None],
+) -> _Config:
+    """The configuration to launch with: cached, else benchmarked now (never while capturing a CUDA graph)."""
+    if _interpreting() or device.type != "cuda" or os.environ.get("DIT_ACCEL_AUTOTUNE", "1") == "0":
+        return candidates[0]
+    full_key = f"{_card(device.index if device.index is not None else torch.cuda.current_device())}|{name}|{key}"
+    with _CACHE_LOCK:
+        cache = _load_cache()
+        hit = cache.get(full_key)
+    if hit is not None:
+        return _Config(hit)
+    if torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    from triton.testing import do_bench
+
+    best, best_ms = candidates[0], float("inf")
+    for cfg in candidates:
+        try:
+            ms = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
+        except Exception:  # a candidate that does not compile or fit on this card is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    with _CACHE_LOCK:
+        cache = _load_cache()
+        cache[full_key] = dict(best)
+        _save_cache(cache)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# host wrappers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pow2(x: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(int(x)))
+
+
+def _last_contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Prepared:
+    """Validated, kernel-ready views of one attention call's inputs."""
+
+    def __init__(self, q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, scale: float | None):
+        reference._check_block_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"q.dtype={q.dtype} is not supported; allowed: float16, bfloat16, float32")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        self.q, self.k, self.v = _last_contig(q), _last_contig(k), _last_contig(v)
+        self.b, self.h, self.n, self.d = q.shape
+        self.dv = v.shape[-1]
+        self.block_m, self.block_n = block_m, block_n
+        self.n_qb = math.ceil(self.n / block_m)
+        self.n_kb = math.ceil(self.n / block_n)
+        lut = kv_indices.to(torch.int32)
+        if lut.shape[-1] == 0:  # an all-empty LUT: one dummy slot keeps the kernels' loads in bounds
+            lut = torch.zeros(*lut.shape[:-1], 1, dtype=torch.int32, device=lut.device)
+        self.lut = _last_contig(lut)
+        self.cnt = kv_counts.to(torch.int32).contiguous()
+        self.scale = 1.0 / math.sqrt(self.d) if scale is None else float(scale)
+        self.head_d, self.head_dv = _pow2(self.d), _pow2(self.dv)
+        self.fp32 = q.dtype == torch.float32
+        self.mask_n = self.n % block_n != 0
+        self.mask_kv = self.mask_n or self.head_d != self.d or self.head_dv != self.dv
+        self.tma_ok = _tma_eligible(self.k, self.v) and self.head_d == self.d and self.head_dv == self.dv
+
+    def key(self, *extra) -> tuple:
+        return (self.b, self.h, self.n, self.d, self.dv, str(self.q.dtype), self.block_m, self.block_n, *extra)
+
+    def descriptors(self, cfg: _Config):
+        if not cfg["tma"]:
+            return self.k, self.v
+        k_desc = TensorDescriptor.from_tensor(self.k, [1, 1, cfg["tile_n"], self.head_d])
+        v_desc = TensorDescriptor.from_tensor(self.v, [1, 1, cfg["tile_n"], self.head_dv])
+        return k_desc, v_desc
+
+    def strides(self, out: torch.Tensor) -> list[int]:
+        q, k, v, lut = self.q, self.k, self.v, self.lut
+        return [
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lut.stride()[:3],
+            *self.cnt.stride()[:2],
+        ]  # fmt: skip
+
+    def grid(self, cfg: _Config) -> tuple[int, int]:
+        return (triton.cdiv(self.n, cfg["tile_m"]), self.b * self.h)
+
+    def consts(self, cfg: _Config) -> dict:
+        return dict(
+            BLOCK_M=cfg["tile_m"], LUT_BLOCK_M=self.block_m, BLOCK_N=self.block_n, TILE_N=cfg["tile_n"],
+            HEAD_D=self.head_d, HEAD_DV=self.head_dv, USE_TMA=bool(cfg["tma"]), MASK_N=self.mask_n,
+            MASK_KV=self.mask_kv, FP32=self.fp32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+    return_lse: bool = True,
+    return_mass: bool = False,
+):
+    """Triton block-sparse attention; same contract as :func:`reference.block_sparse_attention`."""
+    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale)
+    out = torch.empty(p.b, p.h, p.n, p.dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(p.b, p.h, p.n, device=q.device, dtype=torch.float32)
+    width = kv_indices.shape[-1] if return_mass else 0
+    mass = torch.zeros(p.b, p.h, p.n_qb, width, device=q.device, dtype=torch.float32)
+    mass_arg = mass if width > 0 else lse
+
+    def launch(cfg: _Config) -> None:
+        k_desc, v_desc = p.descriptors(cfg)
+        atomic = width > 0 and cfg["tile_m"] < block_m
+        if atomic:
+            mass.zero_()
+        _bsa_fwd[p.grid(cfg)](
+            p.q, p.k, p.v, out, lse, mass_arg, p.lut, p.cnt, k_desc, v_desc, *p.strides(out),
+            *(mass.stride()[:3] if width > 0 else (0, 0, 0)), p.h, p.n, p.n_kb, p.d, p.dv,
+            p.scale * _LOG2E, WRITE_LSE=return_lse, WRITE_MASS=width > 0, MASS_ATOMIC=atomic, **p.consts(cfg),
+        )  # fmt: skip
+
+    cands = _candidates("bsa", block_m, block_n, p.head_d, p.fp32, p.tma_ok)
+    if return_mass:  # tuning would run the atomic accumulation many times; the default tile is exact
+        cfg = cands[0]
+    else:
+        cfg = _tuned("bsa", p.key(return_lse), q.device, cands, launch)
+    launch(cfg)
+    return reference._pack(out, lse, mass, return_lse, return_mass)
+
+
+def block_sparse_attention_pair(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o_sparse, lse_sparse, o_full, lse_full)`` in one pass over all key blocks.
+
+    The sparse softmax uses the full row max as its reference, so it is exact unless the selected blocks' best
+    score lies more than about 87 nats below the row's overall best (then the sparse sums underflow to 0).
+    """
+    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale)
+    o_s = torch.empty(p.b, p.h, p.n, p.dv, device=q.device, dtype=q.dtype)
+    o_f = torch.empty_like(o_s)
+    lse_s = torch.empty(p.b, p.h, p.n, device=q.device, dtype=torch.float32)
+    lse_f = torch.empty_like(lse_s)
+
+    def launch(cfg: _Config) -> None:
+        k_desc, v_desc = p.descriptors(cfg)
+        strides = p.strides(o_s)
+        _pair_fwd[p.grid(cfg)](
+            p.q, p.k, p.v, o_s, lse_s, o_f, lse_f, p.lut, p.cnt, k_desc, v_desc, *strides, p.h, p.n, p.n_kb,
+            p.lut.shape[-1], p.d, p.dv, p.scale * _LOG2E, **p.consts(cfg),
+        )  # fmt: skip
+
+    cands = _candidates("pair", block_m, block_n, p.head_d, p.fp32, p.tma_ok)
+    cfg = _tuned("pair", p.key(), q.device, cands, launch)
+    launch(cfg)
+    return o_s, lse_s, o_f, lse_f
+
+
+def sparse_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    negligible: torch.Tensor | None = None,
+    feature_map: str = "softmax",
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton SLA; same contract as :func:`reference.sparse_linear_attention` (``(o_sparse, o_linear, lse)``)."""
+    if feature_map not in _FEATURE_MAPS:
+        raise ValueError(f"feature_map={feature_map!r} is not supported; allowed: {', '.join(_FEATURE_MAPS)}")
+    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale)
+    if negligible is not None and tuple(negligible.shape) != (p.b, p.h, p.n_qb, p.n_kb):
+        raise ValueError(
+            f"negligible must be (B, H, n_q, n_k) = {(p.b, p.h, p.n_qb, p.n_kb)}; got {tuple(negligible.shape)}"
+        )
+    dev = q.device
+    phi = _FEATURE_MAPS[feature_map]
+    s_blk = torch.empty(p.b, p.h, p.n_kb, p.head_d, p.head_dv, device=dev, dtype=torch.float32)
+    z_blk = torch.empty(p.b, p.h, p.n_kb, p.head_d, device=dev, dtype=torch.float32)
+    _kv_stats[(p.n_kb, p.b * p.h)](
+        p.k, p.v, s_blk, z_blk, *p.k.stride()[:3], *p.v.stride()[:3], p.h, p.n, p.n_kb, p.d, p.dv,
+        BLOCK_N=block_n, HEAD_D=p.head_d, HEAD_DV=p.head_dv, PHI=phi, FP32=p.fp32,
+        num_warps=4 if p.head_d * p.head_dv <= 64 * 64 else 8,
+    )  # fmt: skip
+    s_tot = s_blk.sum(2)
+    z_tot = z_blk.sum(2)
+    # Helper LUTs of the negligible (not selected) and the marginal blocks, so the kernel can pick the cheaper sum.
+    selected = reference.selected_block_mask(p.lut, p.cnt, p.n_kb)
+    marginal = ~selected
+    if negligible is not None:
+        neg = negligible.to(device=dev, dtype=torch.bool) & marginal
+        marginal = marginal & ~neg
+        neg_lut, neg_cnt = lut_from_mask(neg)
+    else:
+        neg_lut = torch.zeros(1, dtype=torch.int32, device=dev)
+        neg_cnt = torch.zeros(p.b, p.h, p.n_qb, dtype=torch.int32, device=dev)
+    marg_lut, marg_cnt = lut_from_mask(marginal)
+
+    o_s = torch.empty(p.b, p.h, p.n, p.dv, device=dev, dtype=q.dtype)
+    o_l = torch.empty_like(o_s)
+    lse = torch.empty(p.b, p.h, p.n, device=dev, dtype=torch.float32)
+
+    def launch(cfg: _Config) -> None:
+        k_desc, v_desc = p.descriptors(cfg)
+        _sla_fwd[p.grid(cfg)](
+            p.q, p.k, p.v, o_s, o_l, lse, p.lut, p.cnt, neg_lut, neg_cnt, marg_lut, marg_cnt, s_blk, z_blk, s_tot,
+            z_tot, k_desc, v_desc, *p.strides(o_s), p.h, p.n, p.n_qb, p.n_kb, p.d, p.dv, p.scale * _LOG2E,
+            PHI=phi, **p.consts(cfg),
+        )  # fmt: skip
+
+    cands = _candidates("sla", block_m, block_n, p.head_d, p.fp32, p.tma_ok)
+    cfg = _tuned("sla", p.key(phi, negligible is not None), dev, cands, launch)
+    launch(cfg)
+    return o_s, o_l, lse
+
+
+def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Tensor:
+    """Triton block mean-pooling; same contract as :func:`reference.mean_pool`."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, H, N, D); got {tuple(x.shape)}")
+    x = _last_contig(x)
+    b, h, n, d = x.shape
+    n_blocks = math.ceil(n / block)
+    out = torch.empty(b, h, n_blocks, d, device=x.device, dtype=torch.float32)
+    tile = min(64, _pow2(block, 1))
+    _pool_mean[(n_blocks, b * h)](
+        x, out, *x.stride()[:3], h, n, n_blocks, d, POOL=block, TILE=tile, HEAD_D=_pow2(d, 1), num_warps=4
+    )
+    if smooth:  # mean over blocks weighted by their real sizes = the mean over all tokens
+        sizes = torch.full((n_blocks,), float(block), device=x.device)
+        sizes[-1] = n - (n_blocks - 1) * block
+        out = out - (out * sizes[:, None]).sum(2, keepdim=True) / n
+    return out
+
+
+def _select(
+    mode: int,
+    source: torch.Tensor,
+    *,
+    k_sel: int = 0,
+    tau: float = 0.0,
+    forced: torch.Tensor | None = None,
+    write_mask: bool,
+    write_lut: bool,
+):
+    shape = source.shape
+    n_k = shape[-1]
+    rows = source.numel() // max(n_k, 1)
+    dev = source.device
+    mask = torch.empty(shape, dtype=torch.bool, device=dev) if write_mask else None
+    lut = torch.empty(shape, dtype=torch.int32, device=dev) if write_lut else None
+    cnt = torch.empty(shape[:-1], dtype=torch.int32, device=dev) if write_lut else None
+    if rows == 0 or n_k == 0:
+        if write_mask:
+            mask.zero_()
+        if write_lut:
+            cnt.zero_()
+        return mask, lut, cnt
+    src = source.contiguous()
+    if mode == 0:
+        src = src.view(torch.int8) if src.dtype == torch.bool else (src != 0).view(torch.int8)
+    frc = None
+    if forced is not None:
+        frc = forced.to(device=dev, dtype=torch.bool).expand(shape).contiguous().view(torch.int8)
+    dummy = src
+    width = _pow2(n_k, 16)
+    _select_lut[(rows,)](
+        src if mode else dummy, src if mode == 0 else dummy, frc if frc is not None else dummy,
+        mask.view(torch.int8) if write_mask else dummy, lut if write_lut else dummy, cnt if write_lut else dummy,
+        n_k, int(k_sel), float(tau), MODE=mode, HAS_FORCED=frc is not None, WRITE_MASK=write_mask,
+        WRITE_LUT=write_lut, WIDTH=width, num_warps=4 if width <= 1024 else 8,
+    )  # fmt: skip
+    return mask, lut, cnt
+
+
+def lut_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton mask-to-LUT (prefix counts, no sort); same output as :func:`reference.lut_from_mask`."""
+    if mask.shape[-1] > _MAX_SELECT_WIDTH:
+        return reference.lut_from_mask(mask)
+    _, lut, cnt = _select(0, mask, write_mask=False, write_lut=True)
+    return lut, cnt
+
+
+def topk_mask(scores: torch.Tensor, k: int, *, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton top-k block selection; same contract as :func:`reference.topk_mask` (ties to the lower index)."""
+    n_k = scores.shape[-1]
+    if n_k > _MAX_SELECT_WIDTH:
+        return reference.topk_mask(scores, k, forced=forced)
+    mask, _, _ = _select(1, scores, k_sel=max(0, min(int(k), n_k)), forced=forced, write_mask=True, write_lut=False)
+    return mask
+
+
+def threshold_mask(scores: torch.Tensor, tau: float, *, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton cumulative-threshold selection; same contract as :func:`reference.threshold_mask`."""
+    tau = float(tau)
+    if scores.shape[-1] > _MAX_SELECT_WIDTH or tau <= 0.0 or tau >= 1.0:
+        return reference.threshold_mask(scores, tau, forced=forced)
+    mask, _, _ = _select(2, scores, tau=tau, forced=forced, write_mask=True, write_lut=False)
+    return mask
+
+
+def pooled_topk_lut(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    k_blocks: int,
+    *,
+    forced: torch.Tensor | None = None,
+    smooth_k: bool = True,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool (Triton), score (one batched matmul), select top-k and write the LUT (one Triton kernel)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    pq = mean_pool(q, block_m)
+    pk = mean_pool(k, block_n, smooth=smooth_k)
+    scores = torch.matmul(pq, pk.transpose(-1, -2)) * scale
+    n_k = scores.shape[-1]
+    if n_k > _MAX_SELECT_WIDTH:
+        return reference.lut_from_mask(reference.topk_mask(scores, k_blocks, forced=forced))
+    _, lut, cnt = _select(
+        1, scores, k_sel=max(0, min(int(k_blocks), n_k)), forced=forced, write_mask=False, write_lut=True
+    )
+    return lut, cnt
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i`` (a device scatter, no host sync)."""
+    return reference.inverse_permutation(perm)
+
+
+def permute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Triton token gather ``out[:, :, i] = x[:, :, perm[i]]``; same contract as :func:`reference.permute_tokens`."""
+    if x.dim() != 4 or perm.dim() != 1 or perm.numel() != x.shape[2]:
+        raise ValueError(f"x must be (B, H, N, D) and perm (N,); got x={tuple(x.shape)}, perm={tuple(perm.shape)}")
+    x = _last_contig(x)
+    b, h, n, d = x.shape
+    out = torch.empty(b, h, n, d, device=x.device, dtype=x.dtype)
+    idx = perm.to(device=x.device, dtype=torch.int32).contiguous()
+    tile = 64
+    _gather_tokens[(triton.cdiv(n, tile), b * h)](
+        x, out, idx, *x.stride()[:3], *out.stride()[:3], h, n, d, TILE=tile, HEAD_D=_pow2(d, 1), num_warps=4
+    )
+    return out
+
+
+def unpermute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`permute_tokens` with the same ``perm`` (a gather with the inverse permutation)."""
+    return permute_tokens(x, inverse_permutation(perm.to(device=x.device, dtype=torch.long)))

@@ -1,0 +1,60 @@
+"""Content-adaptive patterns on pooled block scores: SLA's top-k (+ negligible blocks) and the cumulative threshold."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import kernels
+
+__all__ = ["head_threshold_mask", "keep_count", "negligible_mask", "pooled_scores"]
+
+
+def keep_count(sparsity: float, n_k: int) -> int:
+    """Key blocks kept per query block for a target sparsity (at least one)."""
+    return max(1, min(n_k, round((1.0 - sparsity) * n_k)))
+
+
+def pooled_scores(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, smooth_k: bool, scale: float | None):
+    """float32 (B, H, n_q, n_k): mean-pooled Q times mean-pooled (smoothed) K, times the softmax scale.
+
+    The scale does not change a top-k but makes the scores logits, so a softmax over them is a mass estimate.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    pq = kernels.mean_pool(q, block_m)
+    pk = kernels.mean_pool(k, block_n, smooth=smooth_k)
+    return torch.matmul(pq, pk.transpose(-1, -2)) * scale
+
+
+def negligible_mask(scores: torch.Tensor, selected: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Bool like ``scores``: the lowest ``floor(fraction * n_k)`` blocks of each row among the unselected ones
+    (SLA's k_l): skipped by both branches."""
+    n_k = scores.shape[-1]
+    count = int(math.floor(fraction * n_k))
+    out = torch.zeros_like(selected)
+    if count <= 0:
+        return out
+    ranked = scores.float().masked_fill(selected, float("inf"))
+    count = min(count, n_k)
+    lowest = torch.topk(ranked, count, dim=-1, largest=False).indices
+    out.scatter_(-1, lowest, True)
+    return out & ~selected
+
+
+def head_threshold_mask(scores: torch.Tensor, tau: float, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool like ``scores``: per (batch, head) the fewest (query block, key block) pairs, highest mass first, whose
+    mass reaches ``tau`` of the head's total, where a pair's mass is its row softmax divided by the row count.
+
+    One budget per head: rows with a concentrated distribution give blocks to rows that need more.
+    """
+    b, h, n_q, n_k = scores.shape
+    mass = torch.softmax(scores.float(), dim=-1).reshape(b, h, n_q * n_k) / n_q
+    ranked, order = torch.sort(mass, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(ranked, dim=-1) - ranked
+    mask = torch.zeros_like(mass, dtype=torch.bool)
+    mask.scatter_(-1, order, before < tau)
+    mask = mask.view(b, h, n_q, n_k)
+    if forced is not None:
+        mask = mask | forced
+    return mask

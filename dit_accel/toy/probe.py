@@ -1,0 +1,99 @@
+"""Attention-structure probe for Wan self-attention: how local is each layer and head?
+
+Forward hooks on every ``attn1`` capture the processor's inputs; q and k are then recomputed exactly as
+``WanAttnProcessor`` does (projection, RMS norm across heads, 3D RoPE) and the softmax map is formed with plain torch.
+The number reported is the share of attention mass that falls inside a 3D neighbourhood of the query, against the
+share a uniform map would put there: ~1x means unstructured, large means local (what window-sparse methods exploit).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from diffusers import WanTransformer3DModel
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of ``WanAttnProcessor`` (interleaved pairs), (B, S, H, D)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out
+
+
+def window_mask(grid: tuple[int, int, int], half: tuple[int, int, int]) -> torch.Tensor:
+    """Bool (N, N): key within ``half`` = (dt, dh, dw) of the query on the frame-major token grid."""
+    t, h, w = grid
+    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    coords = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()], 1)
+    diff = (coords[:, None, :] - coords[None, :, :]).abs()
+    return (diff <= torch.tensor(half)).all(-1)
+
+
+class AttentionProbe:
+    """Accumulates per-layer, per-head window mass while attached to a transformer."""
+
+    def __init__(self, transformer: WanTransformer3DModel, half: tuple[int, int, int] = (1, 2, 2)) -> None:
+        self.transformer, self.half = transformer, half
+        self.grid: tuple[int, int, int] | None = None
+        self.mass: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.uniform: float | None = None
+        self.enabled = True
+        self._mask: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _hook(self, layer: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.enabled or self.grid is None:
+            return
+        x = args[0]
+        rotary = args[3] if len(args) > 3 else kwargs.get("rotary_emb")
+        q = module.norm_q(module.to_q(x)).unflatten(2, (module.heads, -1))
+        k = module.norm_k(module.to_k(x)).unflatten(2, (module.heads, -1))
+        if rotary is not None:
+            q, k = _rope(q, *rotary), _rope(k, *rotary)
+        q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()  # (B, H, N, D)
+        if self._mask is None or self._mask.shape[0] != q.shape[2]:
+            self._mask = window_mask(self.grid, self.half)
+            self.uniform = float(self._mask.float().mean())
+        probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        share = (probs * self._mask).sum(-1).mean(-1)  # (B, H)
+        self.mass[layer].append(share.mean(0).cpu())
+
+    @contextmanager
+    def attached(self, grid: tuple[int, int, int]) -> Iterator[AttentionProbe]:
+        """Hook every self-attention module for the duration of the block; ``grid`` is the token grid (T, H, W)."""
+        self.grid = grid
+        handles = [
+            blk.attn1.register_forward_pre_hook(lambda m, a, kw, i=i: self._hook(i, m, a, kw), with_kwargs=True)
+            for i, blk in enumerate(self.transformer.blocks)
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def summary(self) -> dict[str, object]:
+        """Per layer: mean window share, ratio to uniform, and the per-head ratios."""
+        layers = []
+        for i in sorted(self.mass):
+            heads = torch.stack(self.mass[i]).mean(0)
+            layers.append(
+                {
+                    "layer": i,
+                    "window_share": round(float(heads.mean()), 4),
+                    "ratio_to_uniform": round(float(heads.mean()) / self.uniform, 2),
+                    "head_ratios": [round(float(v) / self.uniform, 2) for v in heads],
+                }
+            )
+        return {
+            "window_half": list(self.half),
+            "grid": list(self.grid or ()),
+            "uniform_share": self.uniform,
+            "layers": layers,
+        }

@@ -1,0 +1,263 @@
+"""Train the toy video DiT (dit_accel.toy) with rectified flow on procedural clips and write the model directory.
+
+Reproducible from the config's seed: batch ``i`` is always the same clips, noise and sigmas. A curriculum spends most
+steps on short, low-resolution clips (cheap attention) and finishes at the full 16 x 64 x 64 size (4,096 tokens);
+Wan's 3D RoPE makes the same weights valid on every grid. On CUDA the config's "gpu" budget is used, otherwise the
+smaller "cpu" one. Resumable: ``--resume`` continues from ``<state-dir>/state.pt``.
+
+    python scripts/train_toy.py --config configs/toy.json --out assets/toy-wan
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dit_accel.toy.data import make_batch
+from dit_accel.toy.model import build_scheduler, build_text_encoder, build_transformer, flow_matching_loss
+from dit_accel.toy.pipeline import ToyVideoPipeline
+
+
+def lr_at(step: int, total: int, tcfg: dict[str, Any]) -> float:
+    """Linear warm-up, flat, then cosine decay over the last ``decay_fraction`` of training."""
+    base = tcfg["lr"]
+    if step < tcfg["warmup_steps"]:
+        return base * (step + 1) / tcfg["warmup_steps"]
+    start = int(total * (1 - tcfg["decay_fraction"]))
+    if step < start:
+        return base
+    frac = (step - start) / max(total - start, 1)
+    lo = base * tcfg["min_lr_ratio"]
+    return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def phase_at(step: int, phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """The curriculum phase that contains ``step``; a phase may override the training sigma shift."""
+    for ph in phases:
+        if step < ph["steps"]:
+            return ph
+        step -= ph["steps"]
+    return phases[-1]
+
+
+class Trainer:
+    """Owns the models, EMA copies, optimiser and loss log; one ``step()`` is one optimiser update."""
+
+    def __init__(self, config: dict[str, Any], device: torch.device, phases: list[dict[str, Any]]) -> None:
+        self.config, self.device, self.phases = config, device, phases
+        self.mcfg, self.tcfg = config["model"], config["train"]
+        torch.manual_seed(self.tcfg["seed"])
+        self.transformer = build_transformer(self.mcfg).to(device)
+        self.text_encoder = build_text_encoder(self.mcfg).to(device)
+        self.ema = [copy.deepcopy(self.transformer).eval(), copy.deepcopy(self.text_encoder).eval()]
+        for m in self.ema:
+            m.requires_grad_(False)
+        params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
+        self.opt = torch.optim.AdamW(
+            params, lr=self.tcfg["lr"], betas=(0.9, 0.99), weight_decay=self.tcfg["weight_decay"]
+        )
+        self.step_idx = 0
+        self.losses: list[float] = []
+        self.seconds = 0.0
+        self.total = sum(p["steps"] for p in phases)
+
+    def step(self) -> float:
+        """One update on batch ``step_idx`` of the curriculum."""
+        ph = phase_at(self.step_idx, self.phases)
+        x0, prompts = make_batch(
+            self.tcfg["seed"],
+            self.step_idx * 1024,
+            ph["batch"],
+            ph["frames"],
+            ph["height"],
+            ph["width"],
+            two_object_prob=self.tcfg["two_object_prob"],
+            pan_prob=self.tcfg["pan_prob"],
+        )
+        gen = torch.Generator().manual_seed(self.tcfg["seed"] * 1_000_003 + self.step_idx)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step_idx, self.total, self.tcfg)
+        self.transformer.train()
+        self.text_encoder.train()
+        loss = flow_matching_loss(
+            self.transformer,
+            self.text_encoder,
+            torch.from_numpy(x0),
+            prompts,
+            ph.get("sigma_shift", self.mcfg["flow_shift"]),
+            gen,
+            cond_drop=self.tcfg["cond_drop"],
+            device=self.device,
+        )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            list(self.transformer.parameters()) + list(self.text_encoder.parameters()), self.tcfg["grad_clip"]
+        )
+        self.opt.step()
+        self._update_ema()
+        self.step_idx += 1
+        value = loss.item()
+        self.losses.append(value)
+        return value
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Warm-up form of the decay so early checkpoints are not dominated by the random init.
+        d = min(self.tcfg["ema_decay"], (1 + self.step_idx) / (10 + self.step_idx))
+        for ema, live in zip(self.ema, (self.transformer, self.text_encoder)):
+            for pe, pl in zip(ema.parameters(), live.parameters()):
+                pe.lerp_(pl, 1 - d)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "transformer": self.transformer.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "ema_transformer": self.ema[0].state_dict(),
+            "ema_text_encoder": self.ema[1].state_dict(),
+            "opt": self.opt.state_dict(),
+            "step": self.step_idx,
+            "losses": self.losses,
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.transformer.load_state_dict(sd["transformer"])
+        self.text_encoder.load_state_dict(sd["text_encoder"])
+        self.ema[0].load_state_dict(sd["ema_transformer"])
+        self.ema[1].load_state_dict(sd["ema_text_encoder"])
+        self.opt.load_state_dict(sd["opt"])
+        self.step_idx, self.losses, self.seconds = sd["step"], sd["losses"], sd["seconds"]
+
+    def export(self, out: Path, hardware: str, budget: str) -> None:
+        """Write the EMA weights as a loadable pipeline directory plus the training log and loss curve."""
+        pipe = ToyVideoPipeline(
+            transformer=copy.deepcopy(self.ema[0]).cpu(),
+            text_encoder=copy.deepcopy(self.ema[1]).cpu(),
+            scheduler=build_scheduler(self.mcfg),
+        )
+        tmp = out.with_name(out.name + ".tmp")
+        pipe.save_pretrained(tmp)
+        log = {
+            "config": self.config,
+            "budget": budget,
+            "phases": self.phases,
+            "steps_done": self.step_idx,
+            "steps_planned": self.total,
+            "train_seconds": round(self.seconds, 1),
+            "hardware": hardware,
+            "final_loss_mean_last_100": sum(self.losses[-100:]) / max(len(self.losses[-100:]), 1),
+            "losses": [round(v, 5) for v in self.losses],
+        }
+        (tmp / "train_log.json").write_text(json.dumps(log))
+        plot_losses(self.losses, self.phases, tmp / "loss_curve.png")
+        for name in ("MODEL_CARD.md", "README.md", "eval.json"):  # keep hand-written / eval files across exports
+            if (out / name).exists():
+                (tmp / name).write_bytes((out / name).read_bytes())
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            _rmtree(old)
+        else:
+            os.rename(tmp, out)
+
+
+def _rmtree(path: Path) -> None:
+    for p in sorted(path.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    path.rmdir()
+
+
+def plot_losses(losses: list[float], phases: list[dict[str, Any]], path: Path) -> None:
+    """Raw and smoothed loss against step, with the curriculum phase boundaries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.plot(losses, lw=0.4, alpha=0.35, color="tab:blue", label="loss")
+    smooth, acc = [], None
+    for v in losses:
+        acc = v if acc is None else 0.98 * acc + 0.02 * v
+        smooth.append(acc)
+    ax.plot(smooth, lw=1.5, color="tab:blue", label="EMA(0.98)")
+    edge = 0
+    for ph in phases[:-1]:
+        edge += ph["steps"]
+        if edge < len(losses):
+            ax.axvline(edge, color="gray", ls="--", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching MSE")
+    ax.set_title("toy-wan training loss (dashes: curriculum phase changes)")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/toy.json")
+    ap.add_argument("--out", default="assets/toy-wan", help="model directory to write")
+    ap.add_argument("--state-dir", default="runs/toy-train", help="resumable training state (not committed)")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--budget", default=None, help="budget name in the config (default: gpu on CUDA, else cpu)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the budget's)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop early (smoke tests)")
+    args = ap.parse_args(argv)
+
+    config = json.loads(Path(args.config).read_text())
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    budget = args.budget or ("gpu" if use_cuda else "cpu")
+    bcfg = config["budgets"][budget]
+    threads = args.threads if args.threads is not None else bcfg.get("threads", 0)
+    if threads:
+        torch.set_num_threads(threads)
+    hardware = torch.cuda.get_device_name(0) if use_cuda else f"CPU, {torch.get_num_threads()} thread(s)"
+
+    trainer = Trainer(config, device, bcfg["phases"])
+    state_dir, out = Path(args.state_dir), Path(args.out)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume and (state_dir / "state.pt").exists():
+        trainer.load_state_dict(torch.load(state_dir / "state.pt", map_location=device, weights_only=False))
+        print(f"resumed at step {trainer.step_idx}", flush=True)
+    total = trainer.total if args.max_steps is None else min(trainer.total, args.max_steps)
+    every = config["train"]["ckpt_every"]
+
+    def checkpoint() -> None:
+        torch.save(trainer.state_dict(), state_dir / "state.tmp")
+        os.replace(state_dir / "state.tmp", state_dir / "state.pt")
+        trainer.export(out, hardware, budget)
+
+    bar = tqdm(total=total, initial=trainer.step_idx, mininterval=20, file=sys.stdout, dynamic_ncols=False)
+    while trainer.step_idx < total:
+        t0 = time.perf_counter()
+        loss = trainer.step()
+        trainer.seconds += time.perf_counter() - t0
+        ph = phase_at(trainer.step_idx - 1, trainer.phases)
+        bar.set_postfix_str(f"loss={loss:.4f} grid={ph['frames']}x{ph['height']}x{ph['width']}", refresh=False)
+        bar.update(1)
+        if trainer.step_idx % every == 0 or trainer.step_idx == total:
+            checkpoint()
+    bar.close()
+    print(f"done: {trainer.step_idx} steps in {trainer.seconds / 60:.1f} min; model in {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Sweep grid, sharding and merging of per-process parts, probe and report, without launching processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import dit_accel
+from dit_accel.eval import report, sweep
+
+
+def test_grid_follows_methods_dynamically():
+    spec = sweep.SweepSpec(methods=None, sparsity=[0.5, 0.9], schedule={"dense_steps": [0, 1]})
+    grid = sweep.build_grid(spec)
+    methods = {cfg["method"] for cfg in grid}
+    assert methods == set(dit_accel.METHODS)
+    for cfg in grid:
+        if cfg["method"] == "dense" or cfg["method"].endswith("-paper"):
+            assert "sparsity" not in cfg  # single reference point at the published/preset settings
+        else:
+            assert cfg["sparsity"] in (0.5, 0.9) and cfg["dense_steps"] in (0, 1)
+    ours = [c for c in grid if c["method"] == "blocktopk"]
+    assert len(ours) == 4
+
+
+def test_grid_rejects_bad_input_before_running():
+    with pytest.raises(ValueError, match="unknown"):
+        sweep.build_grid(sweep.SweepSpec(methods=["nope"]))
+    with pytest.raises(ValueError, match="sparsity"):
+        sweep.build_grid(sweep.SweepSpec(methods=["blocktopk"], sparsity=[1.5]))
+
+
+def test_shard_is_a_contiguous_partition():
+    items = list(range(10))
+    parts = [sweep.shard(items, r, 3) for r in range(3)]
+    assert sum(parts, []) == items
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError):
+        sweep.shard(items, 3, 3)
+
+
+def test_dist_info_from_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert sweep.dist_info() == (1, 2)
+
+
+def _record(method, sparsity, seed, speed, psnr, paper=False):
+    return {
+        "key": json.dumps({"method": method, "sparsity": sparsity}, sort_keys=True),
+        "method": method,
+        "options": {"sparsity": sparsity},
+        "paper": paper,
+        "seed": seed,
+        "prompt": None,
+        "speedup": speed,
+        "est_speedup": speed,
+        "density": 1 - sparsity,
+        "psnr": psnr,
+        "ssim": 0.9,
+        "kernel_backend": "reference",
+        "sparse_calls": 4,
+    }
+
+
+def test_merge_parts_keeps_existing_and_adds_every_rank(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"spec": None, "records": [_record("a", 0.5, 0, 1.5, 40)]}))
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "rank0.json").write_text(json.dumps({"records": [_record("a", 0.9, 0, 2.0, 30)]}))
+    (tmp_path / "parts" / "rank1.json").write_text(json.dumps({"records": [_record("b", 0.9, 0, 2.5, 25)]}))
+    (tmp_path / "parts" / "done.rank0").write_text("1")
+    assert len(sweep._finished(tmp_path)) == 3  # an interrupted multi-process run's parts count as done
+    merged = sweep.merge_parts(tmp_path, {"model": "m"})
+    assert len(merged["records"]) == 3 and merged["spec"] == {"model": "m"}
+    assert not (tmp_path / "parts").exists()
+    assert len(json.loads((tmp_path / "results.json").read_text())["records"]) == 3
+
+
+def test_report_table_levels_and_pareto(tmp_path):
+    records = [
+        _record("ours", 0.5, 0, 1.5, 42),
+        _record("ours", 0.5, 1, 1.5, 38),  # mean 40 dB over two seeds
+        _record("ours", 0.9, 0, 3.0, 28),
+        _record("x-paper", 0.8, 0, 2.0, 26, paper=True),  # dominated by ours@0.9
+    ]
+    front = report.pareto_front(report.aggregate(records), "est_speedup")
+    assert [r["method"] for r in front] == ["ours", "ours"]
+    files = report.write_report(records, tmp_path, spec={"model": "m", "seeds": [0, 1]})
+    text = (tmp_path / "report.md").read_text()
+    assert "estimated" in text and "| near-lossless | 40 | ours (sparsity=0.5)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ours") or line.startswith("| x-paper")]
+    assert rows[0].startswith("| ours (sparsity=0.9)")  # fastest first
+    assert (tmp_path / "pareto.png").stat().st_size > 1000 and files["pareto"].endswith("pareto.png")

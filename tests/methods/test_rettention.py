@@ -1,0 +1,100 @@
+"""Re-ttention's statistical reshape against a brute-force masked-softmax computation."""
+
+from __future__ import annotations
+
+import torch
+from _method_helpers import brute_attention, make_call, qkv, token_mask_from_method
+
+from dit_accel.config import resolve_config
+from dit_accel.layout import TokenLayout
+from dit_accel.methods import build_method
+
+LAYOUT = TokenLayout(grid=(4, 8, 8))
+
+
+def _steps(rng, **options):
+    options.setdefault("pattern", "inward")
+    cfg = resolve_config("rettention", min_tokens=0, **options)
+    method = build_method(cfg)
+    cache: dict = {}
+    inputs = [qkv(rng, 2, 2, LAYOUT.total_tokens) for _ in range(4)]
+    results = []
+    for step, (q, k, v) in enumerate(inputs):
+        call = make_call(q, k, v, cfg, layout=LAYOUT, step=step, cache=cache)
+        results.append(method.attend(call))
+    return method, call, inputs, results, cache
+
+
+def test_refresh_is_dense_and_rho_in_unit_interval(rng):
+    _, _, inputs, results, cache = _steps(rng, refresh_every=5, pattern="inward", window=(1, 1, 2), tile=(1, 8, 8))
+    q, k, v = inputs[0]
+    reference, _ = brute_attention(q, k, v)
+    assert results[0].kind == "refresh" and results[0].pattern_built
+    torch.testing.assert_close(results[0].out.double(), reference, atol=2e-5, rtol=1e-5)
+    rho = cache["rho"]
+    assert bool((rho > 0).all()) and bool((rho <= 1).all()) and float(rho.min()) < 0.99
+    assert [r.kind for r in results] == ["refresh", "sparse", "sparse", "sparse"]
+    assert [r.pattern_built for r in results] == [True, False, False, False]
+
+
+def _brute_force_rettention(method, call, inputs, ramp, clamp):
+    """rho and R from the refresh inputs with an explicit token mask; then O_c = rho_c softmax_S V + R."""
+    mask = token_mask_from_method(method, call)
+    q0, k0, v0 = inputs[0]
+    o_full, lse_full = brute_attention(q0, k0, v0)
+    o_s0, lse_s0 = brute_attention(q0, k0, v0, mask)
+    rho = torch.exp(lse_s0 - lse_full)
+    residual = o_full - rho[..., None] * o_s0
+    outs = []
+    for uses, (q, k, v) in enumerate(inputs[1:]):
+        o_s, _ = brute_attention(q, k, v, mask)
+        rho_c = rho + ramp * uses
+        if clamp:
+            rho_c = rho_c.clamp(max=1.0)
+        outs.append(rho_c[..., None] * o_s + residual)
+    return outs
+
+
+def test_sparse_steps_match_brute_force_with_ramp_and_no_clamp(rng):
+    method, call, inputs, results, _ = _steps(
+        rng, refresh_every=9, window=(1, 1, 2), tile=(1, 8, 8), ramp=0.3, rho_clamp=False, cache_dtype="float32"
+    )
+    want = _brute_force_rettention(method, call, inputs, ramp=0.3, clamp=False)
+    for got, ref in zip(results[1:], want):
+        torch.testing.assert_close(got.out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_clamp_caps_the_ramped_rho_at_one(rng):
+    method, call, inputs, results, _ = _steps(
+        rng, refresh_every=9, window=(1, 1, 2), tile=(1, 8, 8), ramp=0.3, rho_clamp=True, cache_dtype="float32"
+    )
+    want = _brute_force_rettention(method, call, inputs, ramp=0.3, clamp=True)
+    unclamped = _brute_force_rettention(method, call, inputs, ramp=0.3, clamp=False)
+    for got, ref in zip(results[1:], want):
+        torch.testing.assert_close(got.out.double(), ref, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(want[-1], unclamped[-1])  # the clamp was active by the third sparse step
+
+
+def test_raster_paper_preset_matches_brute_force(rng):
+    layout = TokenLayout(grid=(2, 8, 16), text_tokens=16, text_first=True)
+    cfg = resolve_config("rettention-paper", raster_fraction=0.25, cache_dtype="float32")
+    method = build_method(cfg)
+    cache: dict = {}
+    inputs = [qkv(rng, 1, 2, layout.total_tokens) for _ in range(3)]
+    outs = []
+    for step, (q, k, v) in enumerate(inputs):
+        call = make_call(q, k, v, cfg, layout=layout, step=step, cache=cache)
+        outs.append(method.attend(call))
+    want = _brute_force_rettention(method, call, inputs, ramp=0.04, clamp=False)
+    for got, ref in zip(outs[1:], want):
+        torch.testing.assert_close(got.out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_refresh_schedule_and_adaptive_refresh(rng):
+    _, _, _, results, _ = _steps(rng, refresh_every=2, window=(1, 1, 2), tile=(1, 8, 8))
+    assert [r.kind for r in results] == ["refresh", "sparse", "refresh", "sparse"]
+    # random inputs every step drift a lot: a small threshold refreshes at once
+    _, _, _, results, _ = _steps(rng, refresh_every=50, refresh_drift=1e-3, window=(1, 1, 2), tile=(1, 8, 8))
+    assert [r.kind for r in results] == ["refresh"] * 4 and all(r.adaptive for r in results[1:])
+    _, _, _, results, _ = _steps(rng, refresh_every=50, refresh_drift=1e3, window=(1, 1, 2), tile=(1, 8, 8))
+    assert [r.kind for r in results] == ["refresh", "sparse", "sparse", "sparse"]
