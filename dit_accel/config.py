@@ -279,7 +279,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "blocktopk": {"sparsity": 0.75},
 }
 METHODS: list[str] = list(PRESETS)
-DEFAULT_METHOD = "sla"  # chosen by scripts/method_error.py; evidence in docs/methods.md
+DEFAULT_METHOD = "rettention"  # chosen by scripts/method_error.py; evidence in docs/methods.md
 
 
 def register_preset(name: str, defaults: dict[str, Any]) -> None:

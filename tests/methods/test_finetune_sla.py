@@ -30,7 +30,7 @@ def test_projection_distillation_loss_falls_and_round_trips(tmp_path):
     samples = ft.collect(pipe, [kwargs], handle, max_samples=4)
     assert len(samples) == 4
     losses = ft.train_projections(handle, samples, steps=25, lr=1e-2)
-    assert losses[-1] < 0.85 * losses[0] and max(losses[-5:]) < losses[0], losses
+    assert losses[-1] < 0.85 * losses[0] and sum(losses[-5:]) / 5 < 0.9 * losses[0], losses
     before = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
     path = tmp_path / "sla.safetensors"
     save_sla_weights(handle, str(path))
