@@ -30,6 +30,11 @@ class AccelHandle:
         return self.config.method
 
     @property
+    def accelerators(self) -> dict[str, Accelerator]:
+        """What was installed per transformer component (sites, observers, the method object)."""
+        return dict(self._accelerators)
+
+    @property
     def active(self) -> bool:
         return any(acc.installed for acc in self._accelerators.values())
 

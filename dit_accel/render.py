@@ -379,8 +379,8 @@ def render(request: RenderRequest) -> dict[str, Any]:
 
         pipe, kwargs = maybe_freeswim(pipe, kwargs, request.base_height, request.base_width, **request.freeswim)
     handle = dit_accel.accelerate(pipe, request.method, **request.options)
-    counters = [FlopCounter(acc.transformer) for acc in handle._accelerators.values()]
-    for counter, acc in zip(counters, handle._accelerators.values()):
+    counters = [FlopCounter(acc.transformer) for acc in handle.accelerators.values()]
+    for counter, acc in zip(counters, handle.accelerators.values()):
         acc.observers.append(counter)
     generator = torch.Generator().manual_seed(request.seed)
     _sync()

@@ -38,7 +38,7 @@ from dit_accel.methods import ComposedMethod
 
 def _methods(handle) -> dict[str, ComposedMethod]:
     out = {}
-    for name, acc in handle._accelerators.items():
+    for name, acc in handle.accelerators.items():
         if not isinstance(acc.method, ComposedMethod) or acc.method.config.compensation != "linear":
             raise ValueError(f"method={handle.method!r} has no linear branch to fine-tune; use 'sla' or 'sla-paper'")
         out[name] = acc.method
@@ -148,7 +148,7 @@ def record_transformer_inputs(pipe: Any, calls: list[dict[str, Any]], limit: int
 def train_lora(pipe: Any, handle, records: list[tuple[dict, Any]], rank: int, steps: int, lr: float) -> list[float]:
     """End-to-end: LoRA on the attention projections plus the per-site proj, sparse output vs dense output."""
     transformer = pipe.transformer
-    add_lora(transformer, [site.module for acc in handle._accelerators.values() for site in acc.sites], rank)
+    add_lora(transformer, [site.module for acc in handle.accelerators.values() for site in acc.sites], rank)
     with torch.no_grad():  # create every site's proj
         transformer(**records[0][0])
     params = lora_parameters(transformer)

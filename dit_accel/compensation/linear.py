@@ -167,7 +167,7 @@ def save_sla_weights(handle: Any, path: str) -> None:
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    for component, acc in handle._accelerators.items():
+    for component, acc in handle.accelerators.items():
         projections = getattr(acc.method, "projections", None)
         if projections is not None:
             for site, layer in projections.proj.items():
@@ -188,7 +188,7 @@ def load_sla_weights(handle: Any, path: str) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(path)
-    for component, acc in handle._accelerators.items():
+    for component, acc in handle.accelerators.items():
         device = next(acc.transformer.parameters()).device
         projections = getattr(acc.method, "projections", None)
         prefix = f"proj.{component}."

@@ -116,7 +116,7 @@ def run_once(
         kwargs["callback_on_step_end"] = keep_latents
         kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
     generator = torch.Generator().manual_seed(int(seed))
-    accelerators = list(handle._accelerators.values())
+    accelerators = list(handle.accelerators.values())
     flops = FlopCounter(accelerators[0].transformer)
     accelerators[0].observers.append(flops)
     try:

@@ -73,7 +73,7 @@ class AttentionProbe:
                 acc.observers.remove(self)
 
     def _accelerators(self) -> list[Any]:
-        return list(getattr(self.handle, "_accelerators", {}).values())
+        return list(getattr(self.handle, "accelerators", {}).values())
 
     def _wants(self, event: SiteEvent) -> bool:
         if self.layers is not None and event.site_index not in self.layers:

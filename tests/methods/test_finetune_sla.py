@@ -36,8 +36,7 @@ def test_projection_distillation_loss_falls_and_round_trips(tmp_path):
     save_sla_weights(handle, str(path))
     handle.remove()
     trained = {
-        k: p.detach().clone()
-        for k, p in next(iter(handle._accelerators.values())).method.projections.named_parameters()
+        k: p.detach().clone() for k, p in next(iter(handle.accelerators.values())).method.projections.named_parameters()
     }
     assert any(bool(p.any()) for p in trained.values())  # no longer the zero initialisation
     # a fresh installation starts from zero projections; loading restores the trained weights and output exactly
