@@ -45,13 +45,6 @@ class SLAProjections(torch.nn.Module):
             layer.to(device)
         return layer  # type: ignore[return-value]
 
-    def is_zero(self, site_index: int) -> bool:
-        key = str(site_index)
-        if key not in self.proj:
-            return True
-        layer = self.proj[key]
-        return not bool(layer.weight.any()) and not bool(layer.bias.any())
-
 
 def combine_linear(
     o_sparse: torch.Tensor,

@@ -82,8 +82,11 @@ class ComposedMethod(Method):
             cache["outside"] = ~pattern.mask
         mask = pattern.mask
         cache["density"] = mask.float().mean()
-        video_rows = ~plan.dense_rows
-        cache["video_density"] = mask[:, :, video_rows].float().mean() if bool(video_rows.any()) else None
+        if plan.has_video_rows:  # mean over the query blocks holding no text, without boolean indexing (a sync)
+            video = (~plan.dense_rows).float()
+            cache["video_density"] = (mask.float().mean(dim=(0, 1, 3)) * video).sum() / video.sum()
+        else:
+            cache["video_density"] = None
         cache["pattern_step"] = call.state.step
         cache["pattern_n"] = (plan.n, *q.shape[:2])
         cache["pattern_static"] = pattern.static

@@ -45,6 +45,7 @@ class Plan:
         groups: tiles or chunks in kernel order (None for the non-geometric orders).
         forced / dense_rows: :func:`forced_blocks` in kernel order.
         partition: VMoBA partition (0, 1, 2) of this site, else -1.
+        has_video_rows: whether any query block holds no text (computed once per plan, so no per-call sync).
     """
 
     n: int
@@ -54,6 +55,7 @@ class Plan:
     forced: torch.Tensor
     dense_rows: torch.Tensor
     partition: int = -1
+    has_video_rows: bool = True  # some query block holds no text (read once here, not per call)
 
 
 @dataclass
@@ -91,7 +93,7 @@ def plan_for(config: AccelConfig, layout: TokenLayout | None, n: int, site_index
     inv = groups.inv if groups is not None else None
     if groups is not None and perm is None:
         groups = GroupGeometry(None, None, groups.group_of, groups.n_groups, groups.group_coords, groups.group_grid)
-    return Plan(n, perm, inv, groups, forced, dense_rows, partition)
+    return Plan(n, perm, inv, groups, forced, dense_rows, partition, bool((~dense_rows).any()))
 
 
 def build_pattern(
