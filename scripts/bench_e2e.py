@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(m for m in dit_accel.METHODS if m != "dense"))
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per method (schedules count)")
     parser.add_argument("--sparsity", type=float, default=None, help="override every preset's sparsity")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="dense forwards before the dense timing")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiled forward (attention share)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU: checks the script runs")
     args = parser.parse_args()
@@ -117,11 +119,12 @@ def main() -> None:
     model, inputs = build(name, device, dtype)
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
 
-    time_loop(model, inputs, 2, device)  # warm-up
+    time_loop(model, inputs, args.warmup_steps, device)  # warm-up
     dense = time_loop(model, inputs, args.steps, device)
     dense_ms = statistics.mean(dense) * 1000
-    rows = [{"method": "dense (stock SDPA)", "ms_per_step": dense_ms, "speedup": 1.0, "density": 1.0}]
-    share = attention_share(model, inputs, device)
+    rows = [{"method": "dense (stock SDPA)", "ms_per_step": dense_ms, "speedup": 1.0, "density": 1.0,
+             "step_ms": [round(t * 1000, 2) for t in dense]}]  # fmt: skip
+    share = None if args.no_profile else attention_share(model, inputs, device)
     for method in [m for m in args.methods.split(",") if m]:
         options = {"num_steps": args.steps, "min_tokens": 256}
         if args.sparsity is not None:
@@ -134,17 +137,19 @@ def main() -> None:
         finally:
             handle.remove()
         ms = statistics.mean(times) * 1000
-        rows.append({"method": method, "ms_per_step": ms, "speedup": dense_ms / ms, "density": stats["block_density"]})
+        rows.append({"method": method, "ms_per_step": ms, "speedup": dense_ms / ms, "density": stats["block_density"],
+                     "step_ms": [round(t * 1000, 2) for t in times]})  # fmt: skip
 
     result = {"card": card, "model": name, "steps": args.steps, "attention_share_dense": share, "rows": rows}
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)
     print(f"\n{name} on {card}, {args.steps} steps, attention share of dense forward: {share}")
-    print(f"{'method':24s} {'ms/step':>10s} {'speed-up':>9s} {'density':>8s}")
+    print(f"{'method':24s} {'ms/step':>10s} {'speed-up':>9s} {'density':>8s} {'fastest step ms':>16s}")
     for row in rows:
         density = "-" if row["density"] is None else f"{row['density']:.3f}"
-        print(f"{row['method']:24s} {row['ms_per_step']:10.1f} {row['speedup']:9.2f}x {density:>8s}")
+        print(f"{row['method']:24s} {row['ms_per_step']:10.1f} {row['speedup']:9.2f}x {density:>8s} "
+              f"{min(row['step_ms']):16.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

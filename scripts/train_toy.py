@@ -71,19 +71,19 @@ class Trainer:
         self.seconds = 0.0
         self.total = sum(p["steps"] for p in phases)
 
-    def step(self) -> float:
-        """One update on batch ``step_idx`` of the curriculum."""
+    def batch_args(self, step: int) -> tuple[tuple, dict[str, float]]:
+        """``make_batch`` arguments of batch ``step`` (a pure function of the config and the step)."""
+        ph = phase_at(step, self.phases)
+        args = (self.tcfg["seed"], step * 1024, ph["batch"], ph["frames"], ph["height"], ph["width"])
+        return args, {"two_object_prob": self.tcfg["two_object_prob"], "pan_prob": self.tcfg["pan_prob"]}
+
+    def step(self, batch: tuple | None = None) -> float:
+        """One update on batch ``step_idx`` of the curriculum (``batch``: that batch, already made elsewhere)."""
         ph = phase_at(self.step_idx, self.phases)
-        x0, prompts = make_batch(
-            self.tcfg["seed"],
-            self.step_idx * 1024,
-            ph["batch"],
-            ph["frames"],
-            ph["height"],
-            ph["width"],
-            two_object_prob=self.tcfg["two_object_prob"],
-            pan_prob=self.tcfg["pan_prob"],
-        )
+        if batch is None:
+            args, kwargs = self.batch_args(self.step_idx)
+            batch = make_batch(*args, **kwargs)
+        x0, prompts = batch
         gen = torch.Generator().manual_seed(self.tcfg["seed"] * 1_000_003 + self.step_idx)
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step_idx, self.total, self.tcfg)
@@ -179,6 +179,61 @@ def _rmtree(path: Path) -> None:
     path.rmdir()
 
 
+def _make_batch_star(job: tuple[tuple, dict[str, float]]) -> tuple:
+    args, kwargs = job
+    return make_batch(*args, **kwargs)
+
+
+class Prefetcher:
+    """Makes the next batches in worker processes while the GPU trains (the clips are drawn with numpy on the CPU,
+    slower than a small model's GPU step). Same batches, same order as making them inline."""
+
+    def __init__(self, trainer: Trainer, workers: int, ahead: int) -> None:
+        import concurrent.futures
+        import multiprocessing
+
+        self.trainer, self.ahead = trainer, ahead
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds a CUDA context
+        self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        self.pending: dict[int, concurrent.futures.Future] = {}
+
+    def get(self, step: int, last: int) -> tuple:
+        for s in range(step, min(step + self.ahead, last)):
+            if s not in self.pending:
+                self.pending[s] = self.pool.submit(_make_batch_star, self.trainer.batch_args(s))
+        return self.pending.pop(step).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def fit_phases(config: dict[str, Any], device: torch.device, phases: list[dict[str, Any]], seconds: float):
+    """The curriculum scaled (same proportions) so that its steps take about ``seconds`` on this device: a few
+    timed steps per phase on a throwaway model, data making excluded (the prefetcher hides it)."""
+    probe = Trainer(config, device, phases)
+    per_step = []
+    for i in range(len(phases)):
+        first = sum(p["steps"] for p in phases[:i])
+        args, kwargs = probe.batch_args(first)
+        batch = make_batch(*args, **kwargs)
+        times = []
+        for _ in range(4):
+            probe.step_idx = first
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            probe.step(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        per_step.append(min(times[1:]))
+    planned = sum(p["steps"] * t for p, t in zip(phases, per_step))
+    factor = seconds / planned
+    fitted = [dict(p, steps=max(1, round(p["steps"] * factor))) for p in phases]
+    del probe
+    return fitted, factor, per_step
+
+
 def plot_losses(losses: list[float], phases: list[dict[str, Any]], path: Path) -> None:
     """Raw and smoothed loss against step, with the curriculum phase boundaries."""
     import matplotlib
@@ -218,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", default=None, help="budget name in the config (default: gpu on CUDA, else cpu)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the budget's)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop early (smoke tests)")
+    ap.add_argument(
+        "--seconds", type=float, default=None,
+        help="fit the budget's curriculum (same proportions, full LR schedule) to about this many seconds of "
+        "training on this device; training also stops and exports when they are up",
+    )  # fmt: skip
+    ap.add_argument("--workers", type=int, default=None, help="data processes (default: CPUs - 2 on CUDA, else 0)")
     args = ap.parse_args(argv)
 
     config = json.loads(Path(args.config).read_text())
@@ -230,7 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     hardware = torch.cuda.get_device_name(0) if use_cuda else f"CPU, {torch.get_num_threads()} thread(s)"
 
-    trainer = Trainer(config, device, bcfg["phases"])
+    phases = bcfg["phases"]
+    if args.seconds is not None:
+        if args.resume:
+            ap.error("--seconds fits a fresh curriculum; it cannot be combined with --resume")
+        phases, factor, per_step = fit_phases(config, device, phases, args.seconds)
+        budget = f"{budget}, fitted to {args.seconds:.0f} s (x{factor:.3f} steps)"
+        print(f"seconds per step by phase: {[round(t, 4) for t in per_step]}; steps x{factor:.3f}: "
+              f"{[p['steps'] for p in phases]}", flush=True)  # fmt: skip
+    trainer = Trainer(config, device, phases)
     state_dir, out = Path(args.state_dir), Path(args.out)
     state_dir.mkdir(parents=True, exist_ok=True)
     if args.resume and (state_dir / "state.pt").exists():
@@ -244,10 +313,20 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(state_dir / "state.tmp", state_dir / "state.pt")
         trainer.export(out, hardware, budget)
 
+    workers = args.workers if args.workers is not None else (max(0, (os.cpu_count() or 1) - 2) if use_cuda else 0)
+    prefetch = Prefetcher(trainer, workers, 2 * workers) if workers > 0 else None
+    if args.seconds is not None:
+        every = max(every, total // 4)
+    deadline = None if args.seconds is None else time.perf_counter() + args.seconds * 1.15
     bar = tqdm(total=total, initial=trainer.step_idx, mininterval=20, file=sys.stdout, dynamic_ncols=False)
     while trainer.step_idx < total:
+        if deadline is not None and time.perf_counter() > deadline:
+            print(f"time is up at step {trainer.step_idx} of {total}", flush=True)
+            checkpoint()
+            break
+        batch = prefetch.get(trainer.step_idx, total) if prefetch else None
         t0 = time.perf_counter()
-        loss = trainer.step()
+        loss = trainer.step(batch)
         trainer.seconds += time.perf_counter() - t0
         ph = phase_at(trainer.step_idx - 1, trainer.phases)
         bar.set_postfix_str(f"loss={loss:.4f} grid={ph['frames']}x{ph['height']}x{ph['width']}", refresh=False)
@@ -255,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.step_idx % every == 0 or trainer.step_idx == total:
             checkpoint()
     bar.close()
+    if prefetch:
+        prefetch.close()
     print(f"done: {trainer.step_idx} steps in {trainer.seconds / 60:.1f} min; model in {out}", flush=True)
     return 0
 

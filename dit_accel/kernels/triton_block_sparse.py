@@ -151,6 +151,25 @@ def _feature_map(x, valid_cols, PHI: tl.constexpr):
 
 
 @triton.jit
+def _online_tile(
+    q, k_base, v_base, k_desc, v_desc, kb, sub, m_i, l_i, acc, off_b, off_h, N, stride_kn, stride_vn, D, DV, qk_scale,
+    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, USE_TMA: tl.constexpr,
+    MASK_N: tl.constexpr, MASKED_LOADS: tl.constexpr, FP32: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the online softmax: (m, l, acc) updated in log2 units."""
+    start_n = kb * BLOCK_N + sub * TILE_N
+    k = _load_rows(k_base, k_desc, off_b, off_h, start_n, N, stride_kn, D, TILE_N, HEAD_D, USE_TMA, MASKED_LOADS)
+    qk = _scores(q, k, start_n, N, qk_scale, TILE_N, MASK_N, FP32)
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(v_base, v_desc, off_b, off_h, start_n, N, stride_vn, DV, TILE_N, HEAD_DV, USE_TMA, MASKED_LOADS)
+    acc = _mm_acc(p.to(v.dtype), v, acc * alpha[:, None], FP32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attend_lut(
     q,
     k_base,
@@ -176,26 +195,39 @@ def _attend_lut(
     USE_TMA: tl.constexpr,
     MASK_N: tl.constexpr,
     MASK_KV: tl.constexpr,
+    PAD_D: tl.constexpr,
     FP32: tl.constexpr,
 ):
     """Online softmax over the ``count`` key blocks listed in ``lut_row``, each in BLOCK_N / TILE_N key tiles;
-    returns (m, l, acc) in log2 units. (A 64-key tile keeps a 128 x 128 head-dim-128 program out of spills.)"""
+    returns (m, l, acc) in log2 units. (A 64-key tile keeps a 128 x 128 head-dim-128 program out of spills.)
+
+    The LUT row is ascending, so only its last entry can be the sequence's partial tail block: every other tile
+    runs without the key mask (whose select would also stop the scale multiply fusing into the exp2 argument's
+    FMA), and the tail block alone runs masked."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
     SUBS: tl.constexpr = BLOCK_N // TILE_N
-    for t in range(0, count * SUBS):  # one flat loop over key tiles: one body for the software pipeliner
-        kb = tl.minimum(tl.maximum(tl.load(lut_row + t // SUBS), 0), n_kb - 1)
-        start_n = kb * BLOCK_N + (t % SUBS) * TILE_N
-        k = _load_rows(k_base, k_desc, off_b, off_h, start_n, N, stride_kn, D, TILE_N, HEAD_D, USE_TMA, MASK_KV)
-        qk = _scores(q, k, start_n, N, qk_scale, TILE_N, MASK_N, FP32)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, v_desc, off_b, off_h, start_n, N, stride_vn, DV, TILE_N, HEAD_DV, USE_TMA, MASK_KV)
-        acc = _mm_acc(p.to(v.dtype), v, acc * alpha[:, None], FP32)
-        m_i = m_new
+    n_tiles = count * SUBS
+    n_plain = n_tiles
+    hi = n_kb - 1
+    if MASK_N:
+        last = tl.load(lut_row + tl.maximum(count - 1, 0))
+        n_plain = tl.where((count > 0) & (last >= n_kb - 1), n_tiles - SUBS, n_tiles)
+        hi = tl.maximum(n_kb - 2, 0)  # a plain tile never reaches the tail block, even on a LUT out of contract
+    for t in range(0, n_plain):  # one flat loop over key tiles: one body for the software pipeliner
+        kb = tl.minimum(tl.maximum(tl.load(lut_row + t // SUBS), 0), hi)
+        m_i, l_i, acc = _online_tile(
+            q, k_base, v_base, k_desc, v_desc, kb, t % SUBS, m_i, l_i, acc, off_b, off_h, N, stride_kn, stride_vn,
+            D, DV, qk_scale, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, False, PAD_D, FP32,
+        )  # fmt: skip
+    if MASK_N:
+        for t in range(n_plain, n_tiles):
+            kb = tl.minimum(tl.maximum(tl.load(lut_row + t // SUBS), 0), n_kb - 1)
+            m_i, l_i, acc = _online_tile(
+                q, k_base, v_base, k_desc, v_desc, kb, t % SUBS, m_i, l_i, acc, off_b, off_h, N, stride_kn,
+                stride_vn, D, DV, qk_scale, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, True, MASK_KV, FP32,
+            )  # fmt: skip
     return m_i, l_i, acc
 
 
@@ -267,6 +299,7 @@ def _bsa_fwd(
     USE_TMA: tl.constexpr,
     MASK_N: tl.constexpr,
     MASK_KV: tl.constexpr,
+    PAD_D: tl.constexpr,
     FP32: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     WRITE_MASS: tl.constexpr,
@@ -288,7 +321,7 @@ def _bsa_fwd(
     q = _load_rows(q_base, q_base, off_b, off_h, start_m, N, sqn, D, BLOCK_M, HEAD_D, False, True)
     m_i, l_i, acc = _attend_lut(
         q, k_base, v_base, k_desc, v_desc, lut_row, count, off_b, off_h, N, n_kb, skn, svn, D, DV, qk_scale,
-        BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, FP32,
+        BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D, FP32,
     )  # fmt: skip
     _store_out_lse(
         O, LSE, O + off_b * sob + off_h * soh, LSE + pid_bh.to(tl.int64) * N, acc, m_i, l_i, offs_m, N, son, DV,
@@ -368,6 +401,7 @@ def _pair_fwd(
     USE_TMA: tl.constexpr,
     MASK_N: tl.constexpr,
     MASK_KV: tl.constexpr,
+    PAD_D: tl.constexpr,
     FP32: tl.constexpr,
 ):
     """One pass over all key blocks; the sparse state shares the full state's running max, so a selected block's
@@ -531,6 +565,7 @@ def _sla_fwd(
     USE_TMA: tl.constexpr,
     MASK_N: tl.constexpr,
     MASK_KV: tl.constexpr,
+    PAD_D: tl.constexpr,
     FP32: tl.constexpr,
     PHI: tl.constexpr,
 ):
@@ -553,7 +588,7 @@ def _sla_fwd(
     q = _load_rows(q_base, q_base, off_b, off_h, start_m, N, sqn, D, BLOCK_M, HEAD_D, False, True)
     m_i, l_i, acc = _attend_lut(
         q, k_base, v_base, k_desc, v_desc, lut_row, count, off_b, off_h, N, n_kb, skn, svn, D, DV, qk_scale,
-        BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, FP32,
+        BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D, FP32,
     )  # fmt: skip
     _store_out_lse(
         O, LSE, O + off_b * sob + off_h * soh, LSE + pid_bh.to(tl.int64) * N, acc, m_i, l_i, offs_m, N, son, DV,
@@ -878,7 +913,8 @@ class _Prepared:
         self.head_d, self.head_dv = _pow2(self.d), _pow2(self.dv)
         self.fp32 = q.dtype == torch.float32
         self.mask_n = self.n % block_n != 0
-        self.mask_kv = self.mask_n or self.head_d != self.d or self.head_dv != self.dv
+        self.pad_d = self.head_d != self.d or self.head_dv != self.dv
+        self.mask_kv = self.mask_n or self.pad_d
         self.tma_ok = _tma_eligible(self.k, self.v) and self.head_d == self.d and self.head_dv == self.dv
 
     def key(self, *extra) -> tuple:
@@ -905,7 +941,8 @@ class _Prepared:
         return dict(
             BLOCK_M=cfg["tile_m"], LUT_BLOCK_M=self.block_m, BLOCK_N=self.block_n, TILE_N=cfg["tile_n"],
             HEAD_D=self.head_d, HEAD_DV=self.head_dv, USE_TMA=bool(cfg["tma"]), MASK_N=self.mask_n,
-            MASK_KV=self.mask_kv, FP32=self.fp32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            MASK_KV=self.mask_kv, PAD_D=self.pad_d, FP32=self.fp32, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )  # fmt: skip
 
 
