@@ -84,8 +84,7 @@ def estimate_kept_mass(
     n_kb = math.ceil(n / block_n)
     pad = n_kb * block_n - n
     kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(b, h, n_kb, block_n, d)
-    counts = torch.full((n_kb,), float(block_n), device=q.device)
-    counts[-1] = n - (n_kb - 1) * block_n
+    counts = (n - block_n * torch.arange(n_kb, device=q.device)).clamp(max=block_n).float()  # no host copy
     mean = kf.sum(3) / counts[:, None]
     var = (kf.pow(2).sum(3) / counts[:, None] - mean.pow(2)).clamp(min=0.0)
     log_count = counts.log()

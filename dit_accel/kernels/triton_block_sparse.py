@@ -917,8 +917,14 @@ class _Prepared:
         self.mask_kv = self.mask_n or self.pad_d
         self.tma_ok = _tma_eligible(self.k, self.v) and self.head_d == self.d and self.head_dv == self.dv
 
-    def key(self, *extra) -> tuple:
-        return (self.b, self.h, self.n, self.d, self.dv, str(self.q.dtype), self.block_m, self.block_n, *extra)
+    def key(self, *extra, by_sparsity: bool = True) -> tuple:
+        """Tuning key: the shape, and how sparse the LUT can be (log2 of key blocks over its width, 0 = dense), since
+        the best launch at 97% sparsity (few blocks per program) need not be the dense one. The LUT width is a host
+        value (no device read), and top-k LUTs are exactly as wide as their rows."""
+        bucket = max(0, round(math.log2(self.n_kb / max(1, self.lut.shape[-1])))) if by_sparsity else 0
+        return (
+            self.b, self.h, self.n, self.d, self.dv, str(self.q.dtype), self.block_m, self.block_n, *extra, f"w{bucket}"
+        )  # fmt: skip
 
     def descriptors(self, cfg: _Config):
         if not cfg["tma"]:
@@ -1018,7 +1024,7 @@ def block_sparse_attention_pair(
         )  # fmt: skip
 
     cands = _candidates("pair", block_m, block_n, p.head_d, p.fp32, p.tma_ok)
-    cfg = _tuned("pair", p.key(), q.device, cands, launch)
+    cfg = _tuned("pair", p.key(by_sparsity=False), q.device, cands, launch)  # visits every block
     launch(cfg)
     return o_s, lse_s, o_f, lse_f
 
@@ -1098,8 +1104,8 @@ def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Ten
         x, out, *x.stride()[:3], h, n, n_blocks, d, POOL=block, TILE=tile, HEAD_D=_pow2(d, 1), num_warps=4
     )
     if smooth:  # mean over blocks weighted by their real sizes = the mean over all tokens
-        sizes = torch.full((n_blocks,), float(block), device=x.device)
-        sizes[-1] = n - (n_blocks - 1) * block
+        # real block sizes (the last one ragged), made on the device: no host copy, so capturable in a CUDA graph
+        sizes = (n - block * torch.arange(n_blocks, device=x.device)).clamp(max=block).to(torch.float32)
         out = out - (out * sizes[:, None]).sum(2, keepdim=True) / n
     return out
 

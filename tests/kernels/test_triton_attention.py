@@ -199,3 +199,18 @@ def test_full_width_lut_and_mass(rng, device):
     assert got[2].shape == want[2].shape == (1, 2, 4, 4)
     torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got[2], want[2], atol=2e-5, rtol=2e-5)
+
+
+def test_tuning_key_tells_dense_from_sparse_luts():
+    """A 97%-sparse top-k LUT is tuned apart from the dense one (its best launch differs); the pair kernel, which
+    visits every block, is not."""
+    q = k = v = torch.zeros(1, 2, 4096, 64)
+    counts = torch.ones(1, 2, 32, dtype=torch.int32)
+
+    def prepared(width):
+        return tbs._Prepared(q, k, v, torch.zeros(1, 2, 32, width, dtype=torch.int32), counts, 128, 128, None)
+
+    dense, sparse = prepared(32).key(), prepared(1).key()
+    assert dense[:-1] == sparse[:-1]
+    assert (dense[-1], sparse[-1]) == ("w0", "w5")
+    assert prepared(32).key(by_sparsity=False) == prepared(1).key(by_sparsity=False)
