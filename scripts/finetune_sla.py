@@ -123,6 +123,8 @@ def train_projections(handle, samples: list[dict[str, Any]], steps: int, lr: flo
         losses.append(total)
     for p in params:
         p.requires_grad_(False)
+    for method in _methods(handle).values():
+        method.projections.trained = True
     return losses
 
 
@@ -171,6 +173,8 @@ def train_lora(pipe: Any, handle, records: list[tuple[dict, Any]], rank: int, st
         losses.append(total)
     for p in params:
         p.requires_grad_(False)
+    for method in _methods(handle).values():
+        method.projections.trained = True
     return losses
 
 

@@ -9,10 +9,11 @@ refresh when the schedule has one, else from :func:`estimate_kept_mass`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
+
+from .. import kernels
 
 __all__ = [
     "LoRALinear",
@@ -27,11 +28,16 @@ __all__ = [
 
 
 class SLAProjections(torch.nn.Module):
-    """One zero-initialised ``Linear(head_dim, head_dim)`` (fp32) per attention site, created on first use."""
+    """One zero-initialised ``Linear(head_dim, head_dim)`` (fp32) per attention site, created on first use.
+
+    ``trained`` is False until weights are loaded (:func:`load_sla_weights`) or fitted (scripts/finetune_sla.py):
+    until then inference skips the layers, which would add zeros at the cost of a matmul per call.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.proj = torch.nn.ModuleDict()
+        self.trained = False
 
     def get(self, site_index: int, head_dim: int, device: torch.device) -> torch.nn.Linear:
         key = str(site_index)
@@ -52,14 +58,13 @@ def combine_linear(
     proj: torch.nn.Linear | None,
     alpha: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``alpha O_s + (1 - alpha) O_l + proj(O_l)``; without ``alpha`` the paper's ``O_s + proj(O_l)``."""
-    if alpha is None:
-        out = o_sparse.float()
-    else:
-        a = alpha.float()[..., None]
-        out = a * o_sparse.float() + (1.0 - a) * o_linear.float()
+    """``alpha O_s + (1 - alpha) O_l + proj(O_l)``; without ``alpha`` the paper's ``O_s + proj(O_l)``.
+
+    The blend is one ``lerp`` in the outputs' dtype (no float32 copies of the (B, H, N, D) outputs); ``proj``
+    runs in float32 like its weights."""
+    out = o_sparse if alpha is None else torch.lerp(o_linear, o_sparse, alpha[..., None].to(o_sparse.dtype))
     if proj is not None:
-        out = out + proj(o_linear.float())
+        out = out + proj(o_linear.float()).to(out.dtype)
     return out
 
 
@@ -72,35 +77,9 @@ def estimate_kept_mass(
     block_n: int,
     scale: float | None,
 ) -> torch.Tensor:
-    """float32 (B, H, N): estimated softmax mass of the selected blocks, per row, without a dense pass.
-
-    The mass of a skipped key block j for query i is approximated by its moments: n_j exp(s q.mean(K_j)
-    + s^2/2 sum_d q_d^2 var(K_j)_d) (a log-normal per block, exact to second order), summed over the skipped
-    blocks of the row's query block (``outside``: bool (B or 1, H or 1, n_q, n_k)); the kept mass is
-    exp(lse_sparse) over itself plus that sum. Cost O(N n_k D), like pooled scoring with unpooled queries.
-    """
-    b, h, n, d = q.shape
-    s = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    n_kb = math.ceil(n / block_n)
-    pad = n_kb * block_n - n
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(b, h, n_kb, block_n, d)
-    counts = (n - block_n * torch.arange(n_kb, device=q.device)).clamp(max=block_n).float()  # no host copy
-    mean = kf.sum(3) / counts[:, None]
-    var = (kf.pow(2).sum(3) / counts[:, None] - mean.pow(2)).clamp(min=0.0)
-    log_count = counts.log()
-    n_qb = math.ceil(n / block_m)
-    qpad = torch.nn.functional.pad(q.float(), (0, 0, 0, n_qb * block_m - n)).view(b, h, n_qb, block_m, d)
-    outside = outside.expand(b, h, n_qb, n_kb)
-    log_out = torch.empty(b, h, n_qb, block_m, device=q.device)
-    rows = max(1, (1 << 26) // max(1, b * h * block_m * n_kb))  # about 256 MB of fp32 logits per chunk
-    for start in range(0, n_qb, rows):
-        qs = qpad[:, :, start : start + rows]  # (B, H, R, bm, D)
-        logits = s * torch.einsum("bhrmd,bhkd->bhrmk", qs, mean)
-        logits = logits + 0.5 * s * s * torch.einsum("bhrmd,bhkd->bhrmk", qs.pow(2), var) + log_count
-        logits = logits.masked_fill(~outside[:, :, start : start + rows, None, :], float("-inf"))
-        log_out[:, :, start : start + rows] = torch.logsumexp(logits, dim=-1)
-    log_out = log_out.view(b, h, n_qb * block_m)[:, :, :n]
-    return torch.sigmoid(lse_sparse.float() - log_out)
+    """float32 (B, H, N): estimated softmax mass of the selected blocks per row, without a dense pass; see
+    :func:`dit_accel.kernels.kept_mass` (a Triton kernel on CUDA)."""
+    return kernels.kept_mass(q, k, lse_sparse, outside, block_m=block_m, block_n=block_n, scale=scale)
 
 
 class LoRALinear(torch.nn.Module):
@@ -192,6 +171,7 @@ def load_sla_weights(handle: Any, path: str) -> None:
                 layer = projections.get(site, value.shape[0], device)
                 layer.weight.data.copy_(value)
                 layer.bias.data.copy_(tensors[f"{prefix}{site}.bias"])
+                projections.trained = True
         modules = dict(acc.transformer.named_modules())
         lora_prefix = f"lora.{component}."
         for key, value in tensors.items():

@@ -18,6 +18,7 @@ __all__ = [
     "backend_for",
     "block_sparse_attention",
     "dense_attention",
+    "kept_mass",
     "lut_from_mask",
     "mean_pool",
     "reference",
@@ -127,6 +128,22 @@ def sparse_linear_attention(
         q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, negligible=negligible,
         feature_map=feature_map, scale=scale,
     )  # fmt: skip
+
+
+def kept_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse_sparse: torch.Tensor,
+    outside: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Estimated softmax mass (float32 (B, H, N)) the selected blocks hold per row, from the skipped blocks'
+    key moments (``outside``: bool (B or 1, H or 1, n_q, n_k)); see :func:`reference.kept_mass`."""
+    _check_block(block_m, block_n)
+    return _impl("kept_mass", q.device)(q, k, lse_sparse, outside, block_m=block_m, block_n=block_n, scale=scale)
 
 
 def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Tensor:

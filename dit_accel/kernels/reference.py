@@ -23,6 +23,8 @@ __all__ = [
     "block_sparse_attention_pair",
     "dense_attention",
     "inverse_permutation",
+    "kept_mass",
+    "key_block_moments",
     "lut_from_mask",
     "mean_pool",
     "permute_tokens",
@@ -363,3 +365,51 @@ def permute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 def unpermute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Undo :func:`permute_tokens` with the same ``perm``: ``out[:, :, perm[i]] = x[:, :, i]``."""
     return permute_tokens(x, inverse_permutation(perm.to(device=x.device, dtype=torch.long)))
+
+
+def key_block_moments(k: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per key block: mean and variance of its real tokens (float32 (B, H, n_k, D)) and log of its token count
+    (float32 (n_k,)); made on the device (no host copy: capturable in a CUDA graph)."""
+    b, h, n, d = k.shape
+    n_kb = math.ceil(n / block_n)
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, n_kb * block_n - n)).view(b, h, n_kb, block_n, d)
+    counts = (n - block_n * torch.arange(n_kb, device=k.device)).clamp(max=block_n).float()
+    mean = kf.sum(3) / counts[:, None]
+    var = (kf.pow(2).sum(3) / counts[:, None] - mean.pow(2)).clamp(min=0.0)
+    return mean, var, counts.log()
+
+
+def kept_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse_sparse: torch.Tensor,
+    outside: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """float32 (B, H, N): estimated softmax mass of the selected blocks per row, without a dense pass (SLA's alpha).
+
+    The mass of a skipped key block j for query i is approximated by its moments: n_j exp(s q.mean(K_j)
+    + s^2/2 sum_d q_d^2 var(K_j)_d) (a log-normal per block, exact to second order), summed over the skipped
+    blocks of the row's query block (``outside``: bool (B or 1, H or 1, n_q, n_k)); the kept mass is
+    exp(lse_sparse) over itself plus that sum. Cost O(N n_k D), like pooled scoring with unpooled queries.
+    """
+    b, h, n, d = q.shape
+    s = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    mean, var, log_count = key_block_moments(k, block_n)
+    n_kb = mean.shape[2]
+    n_qb = math.ceil(n / block_m)
+    qpad = torch.nn.functional.pad(q.float(), (0, 0, 0, n_qb * block_m - n)).view(b, h, n_qb, block_m, d)
+    outside = outside.expand(b, h, n_qb, n_kb)
+    log_out = torch.empty(b, h, n_qb, block_m, device=q.device)
+    rows = max(1, (1 << 26) // max(1, b * h * block_m * n_kb))  # about 256 MB of fp32 logits per chunk
+    for start in range(0, n_qb, rows):
+        qs = qpad[:, :, start : start + rows]  # (B, H, R, bm, D)
+        logits = s * torch.einsum("bhrmd,bhkd->bhrmk", qs, mean)
+        logits = logits + 0.5 * s * s * torch.einsum("bhrmd,bhkd->bhrmk", qs.pow(2), var) + log_count
+        logits = logits.masked_fill(~outside[:, :, start : start + rows, None, :], float("-inf"))
+        log_out[:, :, start : start + rows] = torch.logsumexp(logits, dim=-1)
+    log_out = log_out.view(b, h, n_qb * block_m)[:, :, :n]
+    return torch.sigmoid(lse_sparse.float() - log_out)

@@ -39,6 +39,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_pair",
     "inverse_permutation",
+    "kept_mass",
     "lut_from_mask",
     "mean_pool",
     "permute_tokens",
@@ -464,6 +465,7 @@ def _pair_fwd(
 def _kv_stats(
     K,
     V,
+    PHIK,
     S,
     Z,
     skb,
@@ -474,42 +476,63 @@ def _kv_stats(
     svn,
     H,
     N,
-    n_kb,
+    n_chunks,
     D,
     DV,
+    CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
     PHI: tl.constexpr,
     FP32: tl.constexpr,
 ):
-    """Per key block j: S_j = phi(K_j)^T V_j (HEAD_D x HEAD_DV) and Z_j = sum of phi(K_j) rows, tail rows excluded."""
-    j = tl.program_id(0)
+    """phi(K) for ``CHUNK`` keys (stored in the input dtype, (B, H, N, D) contiguous) and the chunk's partial sums
+    S_c = phi(K_c)^T V_c, Z_c = sum of phi(K_c) rows (float32, from the stored values, so that the linear branch's
+    per-block terms and the totals agree), tail rows excluded."""
+    c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    start_n = j * BLOCK_N
-    k = _load_rows(K + off_b * skb + off_h * skh, K, off_b, off_h, start_n, N, skn, D, BLOCK_N, HEAD_D, False, True)
-    v = _load_rows(V + off_b * svb + off_h * svh, V, off_b, off_h, start_n, N, svn, DV, BLOCK_N, HEAD_DV, False, True)
     cols = tl.arange(0, HEAD_D)
-    rows = start_n + tl.arange(0, BLOCK_N)
-    phik = _feature_map(k.to(tl.float32), cols < D, PHI)
-    phik = tl.where(rows[:, None] < N, phik, 0.0)
-    s = _mm(tl.trans(phik), v.to(tl.float32), FP32)
-    z = tl.sum(phik, 0)
-    blk = pid_bh.to(tl.int64) * n_kb + j
+    s = tl.zeros([HEAD_D, HEAD_DV], tl.float32)
+    z = tl.zeros([HEAD_D], tl.float32)
+    phik_base = PHIK + pid_bh.to(tl.int64) * N * D
+    for t in range(0, CHUNK // BLOCK_N):
+        start_n = c * CHUNK + t * BLOCK_N
+        rows = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K + off_b * skb + off_h * skh, K, off_b, off_h, start_n, N, skn, D, BLOCK_N, HEAD_D, False, True)
+        v = _load_rows(V + off_b * svb + off_h * svh, V, off_b, off_h, start_n, N, svn, DV, BLOCK_N, HEAD_DV, False,
+                       True)  # fmt: skip
+        phik = _feature_map(k.to(tl.float32), cols < D, PHI)
+        phik = tl.where(rows[:, None] < N, phik, 0.0).to(k.dtype)
+        tl.store(phik_base + rows[:, None].to(tl.int64) * D + cols[None, :], phik,
+                 mask=(rows[:, None] < N) & (cols[None, :] < D))  # fmt: skip
+        s = _mm_acc(tl.trans(phik), v, s, FP32)
+        z += tl.sum(phik.to(tl.float32), 0)
+    part = pid_bh.to(tl.int64) * n_chunks + c
     cols_v = tl.arange(0, HEAD_DV)
-    tl.store(S + blk * (HEAD_D * HEAD_DV) + cols[:, None] * HEAD_DV + cols_v[None, :], s)
-    tl.store(Z + blk * HEAD_D + cols, z)
+    tl.store(S + part * (HEAD_D * HEAD_DV) + cols[:, None] * HEAD_DV + cols_v[None, :], s)
+    tl.store(Z + part * HEAD_D + cols, z)
 
 
 @triton.jit
-def _add_stats(s, z, S, Z, blk, sign, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr):
-    cols = tl.arange(0, HEAD_D)
-    cols_v = tl.arange(0, HEAD_DV)
-    s += sign * tl.load(S + blk * (HEAD_D * HEAD_DV) + cols[:, None] * HEAD_DV + cols_v[None, :])
-    z += sign * tl.load(Z + blk * HEAD_D + cols)
-    return s, z
+def _linear_blocks(
+    num, den, phiq, phik_base, v_base, blocks, n_blocks, sign, N, n_kb, D, DV, stride_vn,
+    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, FP32: tl.constexpr,
+):  # fmt: skip
+    """num += sign * sum_j (phi(Q) phi(K_j)^T) V_j, den += sign * sum_j rowsum(phi(Q) phi(K_j)^T) over the
+    ``n_blocks`` key blocks listed at ``blocks``: the same tensor-core work as an attention block without the
+    softmax, reading phi(K_j) and V_j tiles (K/V-sized) instead of a D x DV float32 state per block."""
+    SUBS: tl.constexpr = BLOCK_N // TILE_N
+    for t in range(0, n_blocks * SUBS):
+        kb = tl.minimum(tl.maximum(tl.load(blocks + t // SUBS), 0), n_kb - 1)
+        start_n = kb * BLOCK_N + (t % SUBS) * TILE_N
+        phik = _load_rows(phik_base, phik_base, 0, 0, start_n, N, D, D, TILE_N, HEAD_D, False, True)
+        v = _load_rows(v_base, v_base, 0, 0, start_n, N, stride_vn, DV, TILE_N, HEAD_DV, False, True)
+        a = _mm(phiq, tl.trans(phik), FP32)
+        num = _mm_acc((a * sign).to(v.dtype), v, num, FP32)
+        den += sign * tl.sum(a, 1)
+    return num, den
 
 
 @triton.jit
@@ -526,8 +549,7 @@ def _sla_fwd(
     NCNT,
     MLUT,
     MCNT,
-    S,
-    Z,
+    PHIK,
     STOT,
     ZTOT,
     k_desc,
@@ -599,28 +621,78 @@ def _sla_fwd(
     row = pid_bh.to(tl.int64) * n_qb + qb
     neg_cnt = tl.load(NCNT + row)
     marg_cnt = tl.load(MCNT + row)
-    s = tl.zeros([HEAD_D, HEAD_DV], tl.float32)
-    z = tl.zeros([HEAD_D], tl.float32)
-    blk0 = pid_bh.to(tl.int64) * n_kb
-    if marg_cnt <= count + neg_cnt:
-        for i in range(0, marg_cnt):
-            s, z = _add_stats(s, z, S, Z, blk0 + tl.load(MLUT + row * n_kb + i), 1.0, HEAD_D, HEAD_DV)
-    else:
-        s, z = _add_stats(s, z, STOT, ZTOT, pid_bh.to(tl.int64), 1.0, HEAD_D, HEAD_DV)
-        for i in range(0, count):
-            kb = tl.minimum(tl.maximum(tl.load(lut_row + i), 0), n_kb - 1)
-            s, z = _add_stats(s, z, S, Z, blk0 + kb, -1.0, HEAD_D, HEAD_DV)
-        for i in range(0, neg_cnt):
-            s, z = _add_stats(s, z, S, Z, blk0 + tl.load(NLUT + row * n_kb + i), -1.0, HEAD_D, HEAD_DV)
     cols = tl.arange(0, HEAD_D)
-    phiq = _feature_map(q.to(tl.float32), cols < D, PHI)
-    num = _mm(phiq, s, FP32)
-    den = tl.sum(phiq * z[None, :], 1)
+    phiq32 = _feature_map(q.to(tl.float32), cols < D, PHI)
+    phiq = phiq32.to(q.dtype)
+    phik_base = PHIK + pid_bh.to(tl.int64) * N * D
+    num = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    if marg_cnt <= count + neg_cnt:  # few marginal blocks: sum them directly
+        num, den = _linear_blocks(
+            num, den, phiq, phik_base, v_base, MLUT + row * n_kb, marg_cnt, 1.0, N, n_kb, D, DV, svn, BLOCK_N,
+            TILE_N, HEAD_D, HEAD_DV, FP32,
+        )  # fmt: skip
+    else:  # SLA's pre-aggregation: the totals minus the selected and the negligible blocks
+        cols_v = tl.arange(0, HEAD_DV)
+        s_tot = tl.load(STOT + pid_bh.to(tl.int64) * (HEAD_D * HEAD_DV) + cols[:, None] * HEAD_DV + cols_v[None, :])
+        z_tot = tl.load(ZTOT + pid_bh.to(tl.int64) * HEAD_D + cols)
+        num = _mm(phiq32, s_tot, FP32)
+        den = tl.sum(phiq32 * z_tot[None, :], 1)
+        num, den = _linear_blocks(
+            num, den, phiq, phik_base, v_base, lut_row, count, -1.0, N, n_kb, D, DV, svn, BLOCK_N, TILE_N, HEAD_D,
+            HEAD_DV, FP32,
+        )  # fmt: skip
+        num, den = _linear_blocks(
+            num, den, phiq, phik_base, v_base, NLUT + row * n_kb, neg_cnt, -1.0, N, n_kb, D, DV, svn, BLOCK_N,
+            TILE_N, HEAD_D, HEAD_DV, FP32,
+        )  # fmt: skip
     ok = (den > 0) & (marg_cnt > 0)
     ol = tl.where(ok[:, None], num / tl.where(ok, den, 1.0)[:, None], 0.0)
     cols_v = tl.arange(0, HEAD_DV)
     ptrs = OL + off_b * sob + off_h * soh + offs_m[:, None].to(tl.int64) * son + cols_v[None, :]
     tl.store(ptrs, ol.to(OL.dtype.element_ty), mask=(offs_m[:, None] < N) & (cols_v[None, :] < DV))
+
+
+@triton.jit
+def _kept_mass_fwd(
+    Q, LSE, MEAN, VAR, LOGC, OUTSIDE, ALPHA, sqb, sqh, sqn, sob, soh, soq, H, N, n_kb, D, scale,
+    BLOCK_M: tl.constexpr, LUT_BLOCK_M: tl.constexpr, KB: tl.constexpr, HEAD_D: tl.constexpr, FP32: tl.constexpr,
+):  # fmt: skip
+    """alpha = sigmoid(lse_sparse - log sum over the skipped key blocks j of n_j exp(s q.mean_j + s^2/2 q^2.var_j)),
+    an online log-sum-exp over KB key blocks at a time (the block moments stay in L2; no N x n_k logits in memory)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    qb = start_m // LUT_BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_base = Q + off_b * sqb + off_h * sqh
+    q = _load_rows(q_base, q_base, off_b, off_h, start_m, N, sqn, D, BLOCK_M, HEAD_D, False, True).to(tl.float32)
+    q2 = q * q
+    cols = tl.arange(0, HEAD_D)
+    mom = pid_bh.to(tl.int64) * n_kb * HEAD_D
+    out_row = OUTSIDE + off_b * sob + off_h * soh + qb * soq
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for j0 in range(0, n_kb, KB):
+        js = j0 + tl.arange(0, KB)
+        ok = js < n_kb
+        offs = mom + js[:, None].to(tl.int64) * HEAD_D + cols[None, :]
+        mean = tl.load(MEAN + offs, mask=ok[:, None], other=0.0)
+        var = tl.load(VAR + offs, mask=ok[:, None], other=0.0)
+        logc = tl.load(LOGC + js, mask=ok, other=0.0)
+        skipped = tl.load(out_row + js, mask=ok, other=0) != 0
+        logits = scale * _mm(q, tl.trans(mean), FP32) + (0.5 * scale * scale) * _mm(q2, tl.trans(var), FP32)
+        logits = tl.where(skipped[None, :], logits + logc[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-kept chunk leaves (m, l) as they were
+        l_i = l_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(logits - m_ref[:, None]), 1)
+        m_i = m_new
+    log_out = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    alpha = 1.0 / (1.0 + tl.exp(log_out - lse))
+    tl.store(ALPHA + pid_bh.to(tl.int64) * N + offs_m, alpha, mask=offs_m < N)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1052,15 +1124,18 @@ def sparse_linear_attention(
         )
     dev = q.device
     phi = _FEATURE_MAPS[feature_map]
-    s_blk = torch.empty(p.b, p.h, p.n_kb, p.head_d, p.head_dv, device=dev, dtype=torch.float32)
-    z_blk = torch.empty(p.b, p.h, p.n_kb, p.head_d, device=dev, dtype=torch.float32)
-    _kv_stats[(p.n_kb, p.b * p.h)](
-        p.k, p.v, s_blk, z_blk, *p.k.stride()[:3], *p.v.stride()[:3], p.h, p.n, p.n_kb, p.d, p.dv,
-        BLOCK_N=block_n, HEAD_D=p.head_d, HEAD_DV=p.head_dv, PHI=phi, FP32=p.fp32,
+    chunk = min(2048, 64 * math.ceil(p.n / 64))  # keys per partial-sum program (a multiple of 64)
+    n_chunks = math.ceil(p.n / chunk)
+    phi_k = torch.empty(p.b, p.h, p.n, p.d, device=dev, dtype=q.dtype)
+    s_part = torch.empty(p.b, p.h, n_chunks, p.head_d, p.head_dv, device=dev, dtype=torch.float32)
+    z_part = torch.empty(p.b, p.h, n_chunks, p.head_d, device=dev, dtype=torch.float32)
+    _kv_stats[(n_chunks, p.b * p.h)](
+        p.k, p.v, phi_k, s_part, z_part, *p.k.stride()[:3], *p.v.stride()[:3], p.h, p.n, n_chunks, p.d, p.dv,
+        CHUNK=chunk, BLOCK_N=64, HEAD_D=p.head_d, HEAD_DV=p.head_dv, PHI=phi, FP32=p.fp32,
         num_warps=4 if p.head_d * p.head_dv <= 64 * 64 else 8,
     )  # fmt: skip
-    s_tot = s_blk.sum(2)
-    z_tot = z_blk.sum(2)
+    s_tot = s_part.sum(2)
+    z_tot = z_part.sum(2)
     # Helper LUTs of the negligible (not selected) and the marginal blocks, so the kernel can pick the cheaper sum.
     selected = reference.selected_block_mask(p.lut, p.cnt, p.n_kb)
     marginal = ~selected
@@ -1080,8 +1155,8 @@ def sparse_linear_attention(
     def launch(cfg: _Config) -> None:
         k_desc, v_desc = p.descriptors(cfg)
         _sla_fwd[p.grid(cfg)](
-            p.q, p.k, p.v, o_s, o_l, lse, p.lut, p.cnt, neg_lut, neg_cnt, marg_lut, marg_cnt, s_blk, z_blk, s_tot,
-            z_tot, k_desc, v_desc, *p.strides(o_s), p.h, p.n, p.n_qb, p.n_kb, p.d, p.dv, p.scale * _LOG2E,
+            p.q, p.k, p.v, o_s, o_l, lse, p.lut, p.cnt, neg_lut, neg_cnt, marg_lut, marg_cnt, phi_k, s_tot, z_tot,
+            k_desc, v_desc, *p.strides(o_s), p.h, p.n, p.n_qb, p.n_kb, p.d, p.dv, p.scale * _LOG2E,
             PHI=phi, **p.consts(cfg),
         )  # fmt: skip
 
@@ -1089,6 +1164,43 @@ def sparse_linear_attention(
     cfg = _tuned("sla", p.key(phi, negligible is not None), dev, cands, launch)
     launch(cfg)
     return o_s, o_l, lse
+
+
+def kept_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse_sparse: torch.Tensor,
+    outside: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Triton SLA kept-mass estimate; same contract as :func:`reference.kept_mass`."""
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must be the same (B, H, N, D); got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, h, n, d = q.shape
+    n_qb, n_kb = math.ceil(n / block_m), math.ceil(n / block_n)
+    if outside.dim() != 4 or tuple(outside.shape[2:]) != (n_qb, n_kb) or outside.shape[0] not in (1, b) or \
+            outside.shape[1] not in (1, h):  # fmt: skip
+        raise ValueError(f"outside must be (B or 1, H or 1, {n_qb}, {n_kb}); got {tuple(outside.shape)}")
+    head_d = _pow2(d)
+    mean, var, log_count = reference.key_block_moments(k, block_n)
+    if head_d != d:
+        mean, var = (torch.nn.functional.pad(t, (0, head_d - d)) for t in (mean, var))
+    out8 = outside.to(torch.int8).contiguous()
+    sob, soh = (0 if out8.shape[i] == 1 else out8.stride(i) for i in (0, 1))
+    q = _last_contig(q)
+    lse = lse_sparse.float().contiguous()
+    alpha = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    tile = 64
+    s = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    _kept_mass_fwd[(triton.cdiv(n, tile), b * h)](
+        q, lse, mean.contiguous(), var.contiguous(), log_count, out8, alpha, *q.stride()[:3], sob, soh,
+        out8.stride(2), h, n, n_kb, d, s, BLOCK_M=tile, LUT_BLOCK_M=block_m, KB=64, HEAD_D=head_d,
+        FP32=q.dtype == torch.float32, num_warps=8,
+    )  # fmt: skip
+    return alpha
 
 
 def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Tensor:

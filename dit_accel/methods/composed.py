@@ -185,7 +185,9 @@ class ComposedMethod(Method):
                 alpha = cache.get("alpha")
                 if alpha is None:
                     alpha = estimate_kept_mass(q, k, lse, cache["outside"], cfg.block_m, cfg.block_n, call.scale)
-            proj = self.projections.get(call.site_index, d, q.device)
+            proj = None
+            if self.projections.trained or torch.is_grad_enabled():  # untrained layers are zeros: skipped
+                proj = self.projections.get(call.site_index, d, q.device)
             return combine_linear(o_s, o_l, proj, alpha), lse
         o_s, lse = kernels.block_sparse_attention(
             q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, return_lse=True

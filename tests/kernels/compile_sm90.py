@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 from dit_accel.kernels import triton_block_sparse as tbs
 
 TARGET = GPUTarget("cuda", 90, 32)
-POINTERS = {"Q", "K", "V", "O", "OS", "OF", "OL", "X", "OUT"}
+POINTERS = {"Q", "K", "V", "O", "OS", "OF", "OL", "X", "OUT", "PHIK"}
 F32_POINTERS = {"LSE", "MASS", "LSES", "LSEF", "S", "Z", "STOT", "ZTOT"}
 I32_POINTERS = {"LUT", "CNT", "NLUT", "NCNT", "MLUT", "MCNT", "IDX"}
 
@@ -67,7 +67,8 @@ def attention_variant(kind: str, dtype: str, head: int, block_m: int, block_n: i
     fn = {"bsa": tbs._bsa_fwd, "pair": tbs._pair_fwd, "sla": tbs._sla_fwd}[kind]
     consts = dict(
         BLOCK_M=cfg["tile_m"], LUT_BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=cfg["tile_n"], HEAD_D=head,
-        HEAD_DV=head, USE_TMA=cfg["tma"], MASK_N=True, MASK_KV=not cfg["tma"], FP32=dtype == "fp32", **extra,
+        HEAD_DV=head, USE_TMA=cfg["tma"], MASK_N=True, MASK_KV=not cfg["tma"], PAD_D=False, FP32=dtype == "fp32",
+        **extra,
     )  # fmt: skip
     desc = f"tensordesc<{dtype}[1, 1, {cfg['tile_n']}, {head}]>" if cfg["tma"] else None
     return fn, _signature(fn, dtype, consts, desc), consts, cfg["num_warps"], cfg["num_stages"]
@@ -94,9 +95,8 @@ def variants():
     yield "pool", (tbs._pool_mean, _signature(tbs._pool_mean, "bf16", consts, None), consts, 4, 1)
     consts = dict(TILE=64, HEAD_D=128)
     yield "gather", (tbs._gather_tokens, _signature(tbs._gather_tokens, "bf16", consts, None), consts, 4, 1)
-    consts = dict(BLOCK_N=64, HEAD_D=128, HEAD_DV=128, PHI=0, FP32=False)
-    yield "kv-stats", (tbs._kv_stats, _signature(tbs._kv_stats, "bf16", consts, None) | {"S": "*fp32", "Z": "*fp32"},
-                       consts, 8, 1)  # fmt: skip
+    consts = dict(CHUNK=2048, BLOCK_N=64, HEAD_D=128, HEAD_DV=128, PHI=0, FP32=False)
+    yield "kv-stats", (tbs._kv_stats, _signature(tbs._kv_stats, "bf16", consts, None), consts, 8, 1)
 
 
 def main() -> None:

@@ -214,3 +214,34 @@ def test_tuning_key_tells_dense_from_sparse_luts():
     assert dense[:-1] == sparse[:-1]
     assert (dense[-1], sparse[-1]) == ("w0", "w5")
     assert prepared(32).key(by_sparsity=False) == prepared(1).key(by_sparsity=False)
+
+
+@pytest.mark.parametrize("selected", [1, 7])
+def test_sparse_linear_both_summation_orders(rng, device, selected):
+    """Few selected blocks: the linear sums are the totals minus the selected blocks' terms; many selected: the
+    marginal blocks are summed directly. Both give the reference."""
+    n, d, blocks = 500, 64, 8
+    q, k, v = _inputs(1, 2, n, d, torch.float32, rng, device)
+    order = torch.rand(1, 2, blocks, blocks, generator=rng).argsort(-1)
+    mask = order < selected
+    idx, cnt = reference.lut_from_mask(mask)
+    args = (q, k, v, idx.to(device), cnt.to(device))
+    got = tbs.sparse_linear_attention(*args, block_m=64, block_n=64)
+    want = reference.sparse_linear_attention(*args, block_m=64, block_n=64)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "d", "block_m", "block_n", "dtype"), [CASES[0], CASES[1], CASES[4]])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_kept_mass_matches_reference(rng, device, n, d, block_m, block_n, dtype, per_head):
+    b, h = 1, 2
+    q, k, _ = _inputs(b, h, n, d, dtype, rng, device)
+    n_q, n_k = math.ceil(n / block_m), math.ceil(n / block_n)
+    outside = torch.rand(b if per_head else 1, h if per_head else 1, n_q, n_k, generator=rng) < 0.5
+    outside[..., 0, :] = False  # a query block that skipped nothing keeps all its mass
+    lse = torch.randn(b, h, n, generator=rng).to(device) + 3.0
+    got = tbs.kept_mass(q, k, lse, outside.to(device), block_m=block_m, block_n=block_n)
+    want = reference.kept_mass(q, k, lse, outside.to(device), block_m=block_m, block_n=block_n)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.all(got[:, :, :block_m] == 1)

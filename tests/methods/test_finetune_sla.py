@@ -62,3 +62,15 @@ def test_lora_end_to_end_loss_falls():
     handle.remove()
     assert losses[-1] < losses[0] and losses[1] < losses[0], losses
     assert any(isinstance(m, LoRALinear) for m in pipe.transformer.modules())
+
+
+def test_untrained_projections_cost_nothing_at_inference():
+    """Zero-initialised projections add nothing, so a pipeline run (no grad) neither creates nor applies them."""
+    pipe, kwargs = tiny_pipeline("wan")
+    kwargs["num_inference_steps"] = 2
+    handle = dit_accel.accelerate(pipe, "sla", min_tokens=64, sparsity=0.75, dense_steps=0)
+    pipe(**kwargs)
+    method = next(iter(handle.accelerators.values())).method
+    assert handle.stats()["overall"]["sparse_calls"] > 0
+    assert len(method.projections.proj) == 0 and not method.projections.trained
+    handle.remove()
