@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import dense_lse, reference
 
 try:  # host-side TMA descriptors (Triton >= 3.4); absent on older Triton: pointer loads only
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1076,12 +1076,20 @@ def block_sparse_attention_pair(
     block_n: int,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(o_sparse, lse_sparse, o_full, lse_full)`` in one pass over all key blocks.
+    """``(o_sparse, lse_sparse, o_full, lse_full)``: cuDNN's dense pass (with its LSE, checked once, see
+    :mod:`.dense_lse`) plus the block-sparse kernel where cuDNN serves; else one pass of the pair kernel over all
+    key blocks.
 
-    The sparse softmax uses the full row max as its reference, so it is exact unless the selected blocks' best
-    score lies more than about 87 nats below the row's overall best (then the sparse sums underflow to 0).
+    The pair kernel's sparse softmax uses the full row max as its reference, so it is exact unless the selected
+    blocks' best score lies more than about 87 nats below the row's overall best (then the sparse sums underflow).
     """
     p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale)
+    dense = dense_lse.dense_with_lse(q, k, v, scale) if q.dtype in (torch.float16, torch.bfloat16) else None
+    if dense is not None:
+        o_sparse, lse_sparse = block_sparse_attention(
+            q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale
+        )
+        return o_sparse, lse_sparse, dense[0], dense[1]
     o_s = torch.empty(p.b, p.h, p.n, p.dv, device=q.device, dtype=q.dtype)
     o_f = torch.empty_like(o_s)
     lse_s = torch.empty(p.b, p.h, p.n, device=q.device, dtype=torch.float32)

@@ -59,7 +59,8 @@ def test_all_blocks_match_sdpa(gen, d):
     torch.testing.assert_close(out.float(), sdpa.float(), **BF16_TOL)
 
 
-def test_mass_pair_and_sla_bf16(gen):
+def test_mass_pair_and_sla_bf16(gen, monkeypatch):
+    monkeypatch.setenv("DIT_ACCEL_DENSE_LSE", "0")  # the pair kernel itself, not cuDNN's dense pass
     n, h, d = 4100, 4, 128
     q, k, v = _qkv(1, h, n, d, gen)
     _, idx, cnt = _lut(1, h, n, 64, 64, 0.2, gen)
@@ -154,3 +155,22 @@ def test_autotune_writes_a_persistent_cache(gen, monkeypatch, tmp_path):
     assert any("|bsa|" in key for key in entries), entries
     monkeypatch.setattr(tbs, "_CACHE", None)  # a new process would read the file back
     assert tbs._load_cache() == entries
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_cudnn_dense_lse_path_is_taken_and_exact(gen, d):
+    """On a GPU with cuDNN attention the refresh pair comes from cuDNN's dense pass plus the sparse kernel; its
+    LSE passes the one-time check and the pair equals the reference."""
+    from dit_accel.kernels import dense_lse
+
+    n, h = 4100, 4
+    q, k, v = _qkv(1, h, n, d, gen)
+    dense = dense_lse.dense_with_lse(q, k, v)
+    assert dense is not None, dense_lse._VERIFIED
+    _, idx, cnt = _lut(1, h, n, 64, 64, 0.2, gen)
+    got = tbs.block_sparse_attention_pair(q, k, v, idx, cnt, block_m=64, block_n=64)
+    want = reference.block_sparse_attention_pair(q, k, v, idx, cnt, block_m=64, block_n=64)
+    for i in (0, 2):
+        torch.testing.assert_close(got[i].float(), want[i].float(), **BF16_TOL)
+    for i in (1, 3):
+        assert_lse_close(got[i], want[i], 1e-2)

@@ -245,3 +245,38 @@ def test_kept_mass_matches_reference(rng, device, n, d, block_m, block_n, dtype,
     want = reference.kept_mass(q, k, lse, outside.to(device), block_m=block_m, block_n=block_n)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.all(got[:, :, :block_m] == 1)
+
+
+def _dense_stand_in(shift: float):
+    def call(q, k, v, scale):
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        out = torch.matmul(torch.softmax(scores, -1), v.float()).to(q.dtype)
+        return out, torch.logsumexp(scores, -1) + shift
+
+    return call
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.0])
+def test_pair_through_dense_lse_path(rng, device, monkeypatch, shift):
+    """Refresh pairs from the dense-with-LSE path (cuDNN on a GPU; a stand-in here) equal the reference; a dense
+    LSE that fails the one-time check (shifted by 1) switches the path off and the pair kernel answers instead."""
+    from dit_accel.kernels import dense_lse
+
+    monkeypatch.setattr(dense_lse, "_DEVICE_TYPES", (torch.device(device).type,))
+    monkeypatch.setattr(dense_lse, "_VERIFIED", {})
+    monkeypatch.setattr(dense_lse, "_cudnn_call", _dense_stand_in(shift))
+    n, d = 200, 64
+    q, k, v = _inputs(1, 2, n, d, torch.float16, rng, device)
+    _, idx, cnt = random_lut(1, 2, n, 64, 64, rng)
+    idx, cnt = idx.to(device), cnt.to(device)
+    if shift:
+        with pytest.warns(UserWarning, match="did not match"):
+            got = tbs.block_sparse_attention_pair(q, k, v, idx, cnt, block_m=64, block_n=64)
+    else:
+        got = tbs.block_sparse_attention_pair(q, k, v, idx, cnt, block_m=64, block_n=64)
+    assert list(dense_lse._VERIFIED.values()) == [not shift]
+    want = reference.block_sparse_attention_pair(q, k, v, idx, cnt, block_m=64, block_n=64)
+    for i in (0, 2):
+        torch.testing.assert_close(got[i].float(), want[i].float(), atol=4e-3, rtol=4e-3)
+    for i in (1, 3):
+        assert_lse_close(got[i], want[i], 2e-3)
