@@ -31,7 +31,7 @@ import torch
 
 import dit_accel
 from dit_accel import kernels
-from dit_accel.compensation import combine_linear, estimate_kept_mass, load_sla_weights, save_sla_weights
+from dit_accel.compensation import combine_linear, load_sla_weights, save_sla_weights
 from dit_accel.compensation.linear import add_lora, lora_parameters
 from dit_accel.methods import ComposedMethod
 
@@ -89,8 +89,9 @@ def _branches(method: ComposedMethod, call, component: str) -> dict[str, Any]:
     if cfg.linear_weight == "mass":
         alpha = cache.get("alpha")
         if alpha is None:
-            alpha = estimate_kept_mass(q, k, lse, ~kernels.reference.selected_block_mask(idx, counts, idx.shape[-1]),
-                                       cfg.block_m, cfg.block_n, call.scale)  # fmt: skip
+            n_kb = -(-q.shape[2] // cfg.block_n)  # the LUT may be narrower than the key blocks (top-k)
+            outside = ~kernels.reference.selected_block_mask(idx, counts, n_kb)
+            alpha = kernels.kept_mass(q, k, lse, outside, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale)
     target, _ = kernels.dense_attention(q, k, v, scale=call.scale)
     return {
         "component": component, "site": call.site_index, "o_s": o_s.float(), "o_l": o_l.float(),

@@ -1,12 +1,11 @@
 """Compensation: what replaces the probability mass of the skipped key blocks."""
 
-from .linear import SLAProjections, combine_linear, estimate_kept_mass, load_sla_weights, save_sla_weights
+from .linear import SLAProjections, combine_linear, load_sla_weights, save_sla_weights
 from .reshape import reshape_output, reshape_statistics
 
 __all__ = [
     "SLAProjections",
     "combine_linear",
-    "estimate_kept_mass",
     "load_sla_weights",
     "reshape_output",
     "reshape_statistics",

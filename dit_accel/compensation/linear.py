@@ -4,7 +4,7 @@
 sparse-only attention and fine-tuning has to teach proj both the missing mass and the mismatch of the
 renormalised sparse softmax (SLA2's critique). ``mass`` (training-free, after SLA2): O = alpha O_s +
 (1 - alpha) O_l + proj(O_l) with alpha the softmax mass the critical blocks hold; alpha comes from the last
-refresh when the schedule has one, else from :func:`estimate_kept_mass`.
+refresh when the schedule has one, else from :func:`dit_accel.kernels.kept_mass`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ from typing import Any
 
 import torch
 
-from .. import kernels
-
 __all__ = [
     "LoRALinear",
     "SLAProjections",
     "add_lora",
     "combine_linear",
-    "estimate_kept_mass",
     "load_sla_weights",
     "lora_parameters",
     "save_sla_weights",
@@ -66,20 +63,6 @@ def combine_linear(
     if proj is not None:
         out = out + proj(o_linear.float()).to(out.dtype)
     return out
-
-
-def estimate_kept_mass(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    lse_sparse: torch.Tensor,
-    outside: torch.Tensor,
-    block_m: int,
-    block_n: int,
-    scale: float | None,
-) -> torch.Tensor:
-    """float32 (B, H, N): estimated softmax mass of the selected blocks per row, without a dense pass; see
-    :func:`dit_accel.kernels.kept_mass` (a Triton kernel on CUDA)."""
-    return kernels.kept_mass(q, k, lse_sparse, outside, block_m=block_m, block_n=block_n, scale=scale)
 
 
 class LoRALinear(torch.nn.Module):

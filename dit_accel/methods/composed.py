@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .. import kernels
-from ..compensation import SLAProjections, combine_linear, estimate_kept_mass, reshape_output, reshape_statistics
+from ..compensation import SLAProjections, combine_linear, reshape_output, reshape_statistics
 from ..config import AccelConfig
 from ..patterns import GEOMETRIC_PATTERNS, Plan, build_pattern, plan_for
 from ..schedule import lse_drift, needs_refresh, needs_statistics, pattern_is_stale
@@ -184,7 +184,9 @@ class ComposedMethod(Method):
             if cfg.linear_weight == "mass":
                 alpha = cache.get("alpha")
                 if alpha is None:
-                    alpha = estimate_kept_mass(q, k, lse, cache["outside"], cfg.block_m, cfg.block_n, call.scale)
+                    alpha = kernels.kept_mass(
+                        q, k, lse, cache["outside"], block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale
+                    )
             proj = None
             if self.projections.trained or torch.is_grad_enabled():  # untrained layers are zeros: skipped
                 proj = self.projections.get(call.site_index, d, q.device)

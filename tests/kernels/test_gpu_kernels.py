@@ -29,6 +29,14 @@ def _qkv(b, h, n, d, gen, dtype=torch.bfloat16):
     return [torch.randn(b, h, n, d, generator=gen, device="cuda").to(dtype) for _ in range(3)]
 
 
+def _assert_pair_close(got, want) -> None:
+    """(o_sparse, lse_sparse, o_full, lse_full) tuples equal at bf16 tolerances."""
+    for i in (0, 2):
+        torch.testing.assert_close(got[i].float(), want[i].float(), **BF16_TOL)
+    for i in (1, 3):
+        assert_lse_close(got[i], want[i], 1e-2)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator(device="cuda").manual_seed(torch.seed() % (1 << 31))
@@ -69,10 +77,7 @@ def test_mass_pair_and_sla_bf16(gen, monkeypatch):
     torch.testing.assert_close(mass, ref_mass, atol=2e-3, rtol=2e-2)
     got = tbs.block_sparse_attention_pair(q, k, v, idx, cnt, block_m=64, block_n=64)
     want = reference.block_sparse_attention_pair(q, k, v, idx, cnt, block_m=64, block_n=64)
-    for i in (0, 2):
-        torch.testing.assert_close(got[i].float(), want[i].float(), **BF16_TOL)
-    for i in (1, 3):
-        assert_lse_close(got[i], want[i], 1e-2)
+    _assert_pair_close(got, want)
     neg = torch.rand(1, h, math.ceil(n / 64), math.ceil(n / 64), generator=gen, device="cuda") < 0.5
     for negligible in (None, neg):
         o_s, o_l, lse = tbs.sparse_linear_attention(q, k, v, idx, cnt, block_m=64, block_n=64, negligible=negligible)
@@ -170,7 +175,4 @@ def test_cudnn_dense_lse_path_is_taken_and_exact(gen, d):
     _, idx, cnt = _lut(1, h, n, 64, 64, 0.2, gen)
     got = tbs.block_sparse_attention_pair(q, k, v, idx, cnt, block_m=64, block_n=64)
     want = reference.block_sparse_attention_pair(q, k, v, idx, cnt, block_m=64, block_n=64)
-    for i in (0, 2):
-        torch.testing.assert_close(got[i].float(), want[i].float(), **BF16_TOL)
-    for i in (1, 3):
-        assert_lse_close(got[i], want[i], 1e-2)
+    _assert_pair_close(got, want)

@@ -9,7 +9,7 @@ import torch
 from _method_helpers import brute_attention, qkv, run_method
 
 from dit_accel import kernels
-from dit_accel.compensation import combine_linear, estimate_kept_mass
+from dit_accel.compensation import combine_linear
 from dit_accel.layout import TokenLayout
 from dit_accel.patterns.scored import negligible_mask
 
@@ -90,6 +90,6 @@ def test_mass_estimate_tracks_the_true_kept_mass(rng):
     )
     _, lse_full = brute_attention(q, k, v)
     true = torch.exp(lse_s.double() - lse_full)
-    est = estimate_kept_mass(q, k, lse_s, cache["outside"], 64, 64, None).double()
+    est = kernels.kept_mass(q, k, lse_s, cache["outside"], block_m=64, block_n=64).double()
     assert float((est - true).abs().mean()) < 0.05
     assert bool((est > 0).all()) and bool((est <= 1).all())
