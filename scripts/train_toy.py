@@ -84,7 +84,8 @@ class Trainer:
             args, kwargs = self.batch_args(self.step_idx)
             batch = make_batch(*args, **kwargs)
         x0, prompts = batch
-        gen = torch.Generator().manual_seed(self.tcfg["seed"] * 1_000_003 + self.step_idx)
+        # noise and sigmas drawn where the model runs (a CPU draw of a GPU batch costs more than the GPU step)
+        gen = torch.Generator(device=self.device).manual_seed(self.tcfg["seed"] * 1_000_003 + self.step_idx)
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step_idx, self.total, self.tcfg)
         self.transformer.train()
@@ -186,21 +187,22 @@ def _make_batch_star(job: tuple[tuple, dict[str, float]]) -> tuple:
 
 class Prefetcher:
     """Makes the next batches in worker processes while the GPU trains (the clips are drawn with numpy on the CPU,
-    slower than a small model's GPU step). Same batches, same order as making them inline."""
+    slower than a small model's GPU step). Same batches, same order as making them inline. The pool forks (on
+    Linux) before the model is built, so workers start at once; they never touch CUDA."""
 
-    def __init__(self, trainer: Trainer, workers: int, ahead: int) -> None:
+    def __init__(self, workers: int, ahead: int) -> None:
         import concurrent.futures
         import multiprocessing
 
-        self.trainer, self.ahead = trainer, ahead
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds a CUDA context
+        self.ahead = ahead
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
         self.pending: dict[int, concurrent.futures.Future] = {}
 
-    def get(self, step: int, last: int) -> tuple:
+    def get(self, trainer: Trainer, step: int, last: int) -> tuple:
         for s in range(step, min(step + self.ahead, last)):
             if s not in self.pending:
-                self.pending[s] = self.pool.submit(_make_batch_star, self.trainer.batch_args(s))
+                self.pending[s] = self.pool.submit(_make_batch_star, trainer.batch_args(s))
         return self.pending.pop(step).result()
 
     def close(self) -> None:
@@ -291,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     hardware = torch.cuda.get_device_name(0) if use_cuda else f"CPU, {torch.get_num_threads()} thread(s)"
 
+    workers = args.workers if args.workers is not None else (max(0, (os.cpu_count() or 1) - 2) if use_cuda else 0)
+    prefetch = Prefetcher(workers, 2 * workers) if workers > 0 else None  # before any model exists
     phases = bcfg["phases"]
     if args.seconds is not None:
         if args.resume:
@@ -313,8 +317,6 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(state_dir / "state.tmp", state_dir / "state.pt")
         trainer.export(out, hardware, budget)
 
-    workers = args.workers if args.workers is not None else (max(0, (os.cpu_count() or 1) - 2) if use_cuda else 0)
-    prefetch = Prefetcher(trainer, workers, 2 * workers) if workers > 0 else None
     if args.seconds is not None:
         every = max(every, total // 4)
     deadline = None if args.seconds is None else time.perf_counter() + args.seconds * 1.15
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time is up at step {trainer.step_idx} of {total}", flush=True)
             checkpoint()
             break
-        batch = prefetch.get(trainer.step_idx, total) if prefetch else None
+        batch = prefetch.get(trainer, trainer.step_idx, total) if prefetch else None
         t0 = time.perf_counter()
         loss = trainer.step(batch)
         trainer.seconds += time.perf_counter() - t0

@@ -63,7 +63,7 @@ def build_scheduler(cfg: dict[str, Any]) -> FlowMatchEulerDiscreteScheduler:
 
 def sample_sigmas(n: int, shift: float, generator: torch.Generator) -> torch.Tensor:
     """Logit-normal sigmas, shifted like the sampler's schedule so training effort matches where sampling goes."""
-    u = torch.sigmoid(torch.randn(n, generator=generator))
+    u = torch.sigmoid(torch.randn(n, generator=generator, device=generator.device))
     return shift * u / (1 + (shift - 1) * u)
 
 
@@ -80,9 +80,9 @@ def flow_matching_loss(
     """Rectified flow: x_t = (1 - s) x0 + s eps, predict v = eps - x0 (Wan's parametrisation), timestep = 1000 s."""
     b = x0.shape[0]
     if cond_drop > 0:
-        drop = torch.rand(b, generator=generator) < cond_drop
+        drop = torch.rand(b, generator=generator, device=generator.device) < cond_drop
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-    noise = torch.randn(x0.shape, generator=generator).to(device)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)  # on the GPU if it is
     sigma = sample_sigmas(b, shift, generator).to(device)
     x0 = x0.to(device)
     s = sigma.view(b, 1, 1, 1, 1)
