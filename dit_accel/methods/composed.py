@@ -73,6 +73,8 @@ class ComposedMethod(Method):
         cfg, cache = self.config, call.cache
         pattern = build_pattern(cfg, plan, q, k, call.layout, call.scale)
         kv_indices, kv_counts = kernels.lut_from_mask(pattern.mask)
+        if pattern.max_count is not None:  # as wide as its longest row can be: the kernels tune by that width
+            kv_indices = kv_indices[..., : max(1, pattern.max_count)]
         cache["kv_indices"], cache["kv_counts"] = kv_indices, kv_counts
         if pattern.negligible is not None:
             cache["negligible"] = pattern.negligible

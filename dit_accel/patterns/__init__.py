@@ -46,6 +46,7 @@ class Plan:
         forced / dense_rows: :func:`forced_blocks` in kernel order.
         partition: VMoBA partition (0, 1, 2) of this site, else -1.
         has_video_rows: whether any query block holds no text (computed once per plan, so no per-call sync).
+        max_forced: the most forced key blocks in one query row (read once here, like has_video_rows).
     """
 
     n: int
@@ -56,6 +57,7 @@ class Plan:
     dense_rows: torch.Tensor
     partition: int = -1
     has_video_rows: bool = True  # some query block holds no text (read once here, not per call)
+    max_forced: int = 0
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Pattern:
     mask: torch.Tensor  # bool (B or 1, H or 1, n_q, n_k)
     negligible: torch.Tensor | None = None  # bool like mask, SLA's skipped blocks
     static: bool = False  # depends on geometry only: valid for the whole generation
+    max_count: int | None = None  # an upper bound on the blocks of any row, known on the host (top-k), else None
 
 
 def _tile_for(config: AccelConfig, layout: TokenLayout) -> tuple[int, int, int]:
@@ -93,7 +96,8 @@ def plan_for(config: AccelConfig, layout: TokenLayout | None, n: int, site_index
     inv = groups.inv if groups is not None else None
     if groups is not None and perm is None:
         groups = GroupGeometry(None, None, groups.group_of, groups.n_groups, groups.group_coords, groups.group_grid)
-    return Plan(n, perm, inv, groups, forced, dense_rows, partition, bool((~dense_rows).any()))
+    max_forced = int(forced.sum(-1).max()) if forced.numel() else 0
+    return Plan(n, perm, inv, groups, forced, dense_rows, partition, bool((~dense_rows).any()), max_forced)
 
 
 def build_pattern(
@@ -111,14 +115,17 @@ def build_pattern(
     if pattern in ("topk", "threshold"):
         scores = pooled_scores(q, k, config.block_m, config.block_n, config.smooth_k, scale)
         forced_b = forced.expand_as(scores)
+        max_count = None
         if pattern == "topk":
-            mask = kernels.topk_mask(scores, keep_count(config.sparsity, n_k), forced=forced_b)
+            keep = keep_count(config.sparsity, n_k)
+            mask = kernels.topk_mask(scores, keep, forced=forced_b)
+            max_count = min(n_k, max(keep, plan.max_forced))  # forced blocks count first; all kept past k
         elif config.threshold_scope == "row":
             mask = kernels.threshold_mask(scores, config.tau, forced=forced_b)
         else:
             mask = head_threshold_mask(scores, config.tau, forced=forced_b)
         negligible = negligible_mask(scores, mask, config.negligible) if config.negligible > 0 else None
-        return Pattern(mask, negligible)
+        return Pattern(mask, negligible, max_count=max_count)
     if layout is None or plan.groups is None and pattern != "raster":
         raise ValueError(f"pattern={pattern!r} needs the token layout (grid) of the sequence")
     if pattern == "raster":

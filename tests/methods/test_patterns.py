@@ -175,3 +175,16 @@ def test_auto_tile_and_window_extents():
     assert window_extents((4, 4, 4), 1 / 64) == (1, 1, 1)
     ext = window_extents((3, 4, 7), 0.25)
     assert abs(math.prod(ext) - 21) <= 2
+
+
+def test_topk_lut_is_only_as_wide_as_its_longest_possible_row(rng):
+    """A top-k pattern's LUT is cut to k columns (the kernels key their tuning on that width); every selected block
+    is still listed, and a pattern with full forced rows (text queries) keeps the full width."""
+    q, k, v = qkv(rng, 1, 2, 1024)
+    _, call, _ = run_method("blocktopk", q, k, v, sparsity=0.75, min_tokens=0)
+    idx, counts = call.cache["kv_indices"], call.cache["kv_counts"]
+    assert idx.shape[-1] == 4 and int(counts.max()) == 4  # 16 key blocks of 64, a quarter kept
+    text = TokenLayout(grid=(2, 16, 16), text_tokens=64, text_first=True)
+    q, k, v = qkv(rng, 1, 2, text.total_tokens)
+    _, call, _ = run_method("blocktopk", q, k, v, layout=text, sparsity=0.75, min_tokens=0)
+    assert call.cache["kv_indices"].shape[-1] == math.ceil(text.total_tokens / 64)
