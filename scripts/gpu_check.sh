@@ -6,7 +6,7 @@
 #   DEADLINE=280 bash scripts/gpu_check.sh ...      # seconds for the whole call; steps that cannot fit are skipped
 #
 # Steps: tests (GPU-only kernel tests), kernels (bench_kernels.py), e2e (Wan2.1-1.3B 480p), e2e14b (Wan2.1-14B
-# 720p, default preset), freeswim (bench_freeswim.py, attention only, with FlexAttention), interp (the interpreter
+# 720p, default preset), e2ecompile (Wan2.1-1.3B with torch.compile'd blocks, dense and accelerated), freeswim (bench_freeswim.py, attention only, with FlexAttention), interp (the interpreter
 # kernel tests, compiled this time), toy (toy-model training on the GPU, TOY_SECONDS).
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site first); the lent H200
 # has torch and Triton but not diffusers:  pip download --no-deps --only-binary=:all: --python-version 3.12
@@ -55,6 +55,8 @@ for s in "${STEPS[@]}"; do
     kernels) step kernels 270 "$PY" scripts/bench_kernels.py --out "$LOGS/bench_kernels.json" ;;
     e2e) step e2e 200 "$PY" scripts/bench_e2e.py --model wan-1.3b --steps 10 \
       --methods "${E2E_METHODS:-rettention,sla,vmoba,window,blocktopk}" --out "$LOGS/bench_e2e.json" ;;
+    e2ecompile) step e2ecompile 240 "$PY" scripts/bench_e2e.py --model wan-1.3b --steps 10 --compile \
+      --methods "${E2E_METHODS:-rettention,window}" --out "$LOGS/bench_e2e_compiled.json" ;;
     e2e14b) step e2e14b 200 "$PY" scripts/bench_e2e.py --model wan-14b --steps "${E2E14_STEPS:-3}" \
       --warmup-steps 1 --no-profile --methods "${E2E14_METHODS:-rettention}" --out "$LOGS/bench_e2e14b.json" ;;
     freeswim) step freeswim 240 "$PY" scripts/bench_freeswim.py --attention-only --flex --out "$LOGS/bench_freeswim.json" ;;
