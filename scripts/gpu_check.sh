@@ -6,13 +6,14 @@
 #   DEADLINE=280 bash scripts/gpu_check.sh ...      # seconds for the whole call; steps that cannot fit are skipped
 #
 # Steps: tests (GPU-only kernel tests), kernels (bench_kernels.py), e2e (Wan2.1-1.3B 480p), e2e14b (Wan2.1-14B
-# 720p, default preset), e2ecompile (Wan2.1-1.3B with torch.compile'd blocks, dense and accelerated), freeswim (bench_freeswim.py, attention only, with FlexAttention), interp (the interpreter
-# kernel tests, compiled this time), toy (toy-model training on the GPU, TOY_SECONDS).
+# 720p, default preset), e2ecompile (Wan2.1-1.3B with compiled blocks, dense and accelerated alike), freeswim
+# (bench_freeswim.py, attention only, with FlexAttention), interp (the interpreter kernel tests, compiled this
+# time), toy (toy-model training on the GPU for TOY_SECONDS).
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site first); the lent H200
 # has torch and Triton but not diffusers:  pip download --no-deps --only-binary=:all: --python-version 3.12
 # --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1  (then carry ".whl"; .git/info/exclude ignores it).
-# Seen on 2026-11-28 (H200, torch 2.11, Triton 3.6): tests 53 s, kernels 75 s, e2e 107 s, e2e14b 159 s. Every step has
-# its own timeout so a hang cannot eat the next one; the script always exits 0 so the logs come back.
+# Seen on 2026-11-28 (H200, torch 2.11, Triton 3.6): tests 53 s, kernels 75 s, e2e 107 s, e2e14b 159 s.
+# Every step has its own timeout so a hang cannot eat the next one; the script always exits 0 so the logs come back.
 set -u
 OUT="${OUT:-$(pwd)/runs/gpu_check}"
 LOGS="${LOGS:-/tmp/gpu_logs}"
