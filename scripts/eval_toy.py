@@ -147,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-seen", action="store_true", help="skip the seen-triple comparison")
     ap.add_argument("--probe-prompts", type=int, default=2)
-    ap.add_argument("--write-card", action="store_true", help="rewrite <model>/README.md with the numbers")
-    ap.add_argument("--samples-png", default=None, help="strip of renders (default <model>/samples.png)")
+    ap.add_argument(
+        "--write-card", action="store_true",
+        help="write eval.json and samples.png into the model directory and rewrite its README.md with the numbers",
+    )  # fmt: skip
+    ap.add_argument("--json", default="runs/eval_toy/eval.json", help="results without --write-card")
+    ap.add_argument("--samples-png", default=None, help="strip of renders (default: beside the results)")
     ap.add_argument("--card-only", action="store_true", help="rewrite the card from an existing eval.json")
     args = ap.parse_args(argv)
     if args.card_only:
@@ -216,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     pipe(groups["held_out"][0]["prompt"], generator=torch.Generator().manual_seed(0))
     result["default_render_seconds_2_threads"] = round(time.perf_counter() - t0, 1)
 
-    (model / "eval.json").write_text(json.dumps(result, indent=1))
-    _save_strip(strip, Path(args.samples_png) if args.samples_png else model / "samples.png")
+    # Only --write-card touches the model directory: an exploratory run (other settings) never replaces its numbers.
+    out_json = model / "eval.json" if args.write_card else Path(args.json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=1))
+    _save_strip(strip, Path(args.samples_png) if args.samples_png else out_json.with_name("samples.png"))
     if args.write_card:
         write_card(model, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("held_out", "seen")}, indent=1))
