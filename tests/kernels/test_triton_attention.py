@@ -243,7 +243,8 @@ def test_kept_mass_matches_reference(rng, device, n, d, block_m, block_n, dtype,
     lse = torch.randn(b, h, n, generator=rng).to(device) + 3.0
     got = tbs.kept_mass(q, k, lse, outside.to(device), block_m=block_m, block_n=block_n)
     want = reference.kept_mass(q, k, lse, outside.to(device), block_m=block_m, block_n=block_n)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    tol = 1e-4 if dtype == torch.float32 else 5e-3  # 16-bit inputs take TF32 dots when compiled on a GPU
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     assert torch.all(got[:, :, :block_m] == 1)
 
 
