@@ -97,6 +97,11 @@ def variants():
     yield "gather", (tbs._gather_tokens, _signature(tbs._gather_tokens, "bf16", consts, None), consts, 4, 1)
     consts = dict(CHUNK=2048, BLOCK_N=64, HEAD_D=128, HEAD_DV=128, PHI=0, FP32=False)
     yield "kv-stats", (tbs._kv_stats, _signature(tbs._kv_stats, "bf16", consts, None), consts, 8, 1)
+    consts = dict(BLOCK_M=64, LUT_BLOCK_M=64, KB=64, HEAD_D=128, FP32=False)
+    sig = _signature(tbs._kept_mass_fwd, "bf16", consts, None) | {
+        "MEAN": "*fp32", "VAR": "*fp32", "LOGC": "*fp32", "ALPHA": "*fp32", "OUTSIDE": "*i8", "scale": "fp32"
+    }  # fmt: skip
+    yield "kept-mass", (tbs._kept_mass_fwd, sig, consts, 8, 1)
 
 
 def main() -> None:
