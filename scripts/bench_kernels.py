@@ -212,7 +212,32 @@ def bench_shape(name: str, args, block_m: int, block_n: int, sparsities, pattern
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+    cost["fixed"] = fixed_cost(q, k, v, block_m, block_n, args)
+    print(f"[{name}] fixed cost: {cost['fixed']}", flush=True)
     return rows, cost
+
+
+def fixed_cost(q, k, v, block_m: int, block_n: int, args) -> dict:
+    """What a program costs beyond its key blocks: our kernel with every LUT row empty (Q load, epilogue, launch) and
+    with one block per row; per program = time x SMs / programs (one resident program per SM, as tuned dense)."""
+    b, h, n, _ = q.shape
+    n_q = math.ceil(n / block_m)
+    programs = b * h * n_q
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = {}
+    for blocks in (0, 1):
+        idx = torch.zeros(b, h, n_q, 1, dtype=torch.int32, device=q.device)
+        cnt = torch.full((b, h, n_q), blocks, dtype=torch.int32, device=q.device)
+        ms, err = try_time(
+            lambda idx=idx, cnt=cnt: lambda: tbs.block_sparse_attention(q, k, v, idx, cnt, block_m=block_m,
+                                                                      block_n=block_n),
+            args.warmup, args.reps,
+        )  # fmt: skip
+        out[f"blocks_{blocks}_ms"] = ms
+        out[f"blocks_{blocks}_us_per_program"] = None if ms is None else ms * 1000 * sms / programs
+        if err:
+            out[f"blocks_{blocks}_error"] = err
+    return out
 
 
 def git_commit() -> str:
@@ -292,6 +317,13 @@ def main() -> None:
             f"({f(100 * p['share_of_dense_cudnn_topk'] if p['share_of_dense_cudnn_topk'] else None, '.1f')}% of "
             f"dense), threshold {f(p['threshold_lut_ms'], '.3f')} ms "
             f"({f(100 * p['share_of_dense_cudnn_threshold'] if p['share_of_dense_cudnn_threshold'] else None, '.1f')}%)"
+        )
+    for p in patterns_cost:
+        fx = p.get("fixed", {})
+        print(
+            f"fixed cost [{p['shape']}]: empty LUT {f(fx.get('blocks_0_ms'), '.3f')} ms "
+            f"({f(fx.get('blocks_0_us_per_program'), '.1f')} us per program), one block per row "
+            f"{f(fx.get('blocks_1_ms'), '.3f')} ms ({f(fx.get('blocks_1_us_per_program'), '.1f')} us)"
         )
     print(f"JSON: {args.out}")
 
