@@ -197,6 +197,8 @@ class Prefetcher:
         self.ahead = ahead
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        for started in [self.pool.submit(int) for _ in range(workers)]:  # workers start on demand: start them now
+            started.result()
         self.pending: dict[int, concurrent.futures.Future] = {}
 
     def get(self, trainer: Trainer, step: int, last: int) -> tuple:
