@@ -364,8 +364,8 @@ local heads, low ones global heads.
 
 ## Limits
 
-A toy: 64 x 64 px, a fixed grammar, about an hour of CPU training. It is a test subject for sparse attention, not a
-video generator.
+A toy: 64 x 64 px, a fixed grammar, {log["train_seconds"] / 3600:.1f} hours of CPU training. It is a test subject for
+sparse attention, not a video generator.
 """
     (model / "README.md").write_text(card)
 
@@ -399,15 +399,11 @@ def _status(ev: dict[str, Any], log: dict[str, Any]) -> str:
     )
     lines.append(
         f"- Likely cause: {log['steps_done']} steps ({log['train_seconds'] / 60:.0f} min) on one CPU thread shared "
-        "with other jobs; the loss was still falling. The next step is the `gpu` budget in `configs/toy.json` "
-        "(30,000 steps, larger batches) or a multi-hour CPU run; neither has been tried yet."
+        "with other jobs; the loss was still falling. A 2-minute slice of the `gpu` budget on an H200 was too short "
+        "(docs/toy_model.md); the whole budget (30,000 steps, larger batches) needs about half an hour of one."
     )
-    lines.append(
-        "- Run history: the CPU run was resumed from checkpoints three times to shorten the curriculum when the shared "
-        "CPU ran slower than planned, and once (step 1,250) to lower the training sigma shift after renders showed "
-        "residual noise. Each change only touched steps not yet taken, so the run equals a fresh run of the final "
-        "config (batches, noise and sigmas are seeded per step)."
-    )
+    for event in log.get("history", []):
+        lines.append(f"- Run history: {event}")
     return "\n".join(lines)
 
 

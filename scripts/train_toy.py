@@ -70,6 +70,7 @@ class Trainer:
         self.losses: list[float] = []
         self.seconds = 0.0
         self.total = sum(p["steps"] for p in phases)
+        self.history: list[str] = []  # resumes and budget changes, for the model card
 
     def batch_args(self, step: int) -> tuple[tuple, dict[str, float]]:
         """``make_batch`` arguments of batch ``step`` (a pure function of the config and the step)."""
@@ -130,6 +131,7 @@ class Trainer:
             "step": self.step_idx,
             "losses": self.losses,
             "seconds": self.seconds,
+            "history": self.history,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -139,6 +141,7 @@ class Trainer:
         self.ema[1].load_state_dict(sd["ema_text_encoder"])
         self.opt.load_state_dict(sd["opt"])
         self.step_idx, self.losses, self.seconds = sd["step"], sd["losses"], sd["seconds"]
+        self.history = list(sd.get("history", []))
 
     def export(self, out: Path, hardware: str, budget: str) -> None:
         """Write the EMA weights as a loadable pipeline directory plus the training log and loss curve."""
@@ -158,6 +161,7 @@ class Trainer:
             "train_seconds": round(self.seconds, 1),
             "hardware": hardware,
             "final_loss_mean_last_100": sum(self.losses[-100:]) / max(len(self.losses[-100:]), 1),
+            "history": self.history,
             "losses": [round(v, 5) for v in self.losses],
         }
         (tmp / "train_log.json").write_text(json.dumps(log))
@@ -311,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and (state_dir / "state.pt").exists():
         trainer.load_state_dict(torch.load(state_dir / "state.pt", map_location=device, weights_only=False))
         print(f"resumed at step {trainer.step_idx}", flush=True)
+        trainer.history.append(
+            f"resumed at step {trainer.step_idx:,} with budget `{budget}` ({trainer.total:,} steps planned); the "
+            "learning-rate schedule follows the new plan from there"
+        )
     total = trainer.total if args.max_steps is None else min(trainer.total, args.max_steps)
     every = config["train"]["ckpt_every"]
 
