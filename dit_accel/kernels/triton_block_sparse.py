@@ -100,6 +100,18 @@ def _load_rows(
 
 
 @triton.jit
+def _query_tile(H, BLOCK_M: tl.constexpr, LUT_BLOCK_M: tl.constexpr):
+    """This program's query tile on the (query tile, batch x head) grid: (bh, batch, head as int64, first row, LUT row
+    (query block), row offsets)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    return pid_bh, off_b, off_h, start_m, start_m // LUT_BLOCK_M, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
 def _mm(a, b, FP32: tl.constexpr):
     """a @ b with float32 accumulation: exact IEEE for float32 inputs, tensor cores for 16-bit ones."""
     if FP32:
@@ -306,13 +318,7 @@ def _bsa_fwd(
     WRITE_MASS: tl.constexpr,
     MASS_ATOMIC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    qb = start_m // LUT_BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, off_b, off_h, start_m, qb, offs_m = _query_tile(H, BLOCK_M, LUT_BLOCK_M)
     q_base = Q + off_b * sqb + off_h * sqh
     k_base = K + off_b * skb + off_h * skh
     v_base = V + off_b * svb + off_h * svh
@@ -407,13 +413,7 @@ def _pair_fwd(
 ):
     """One pass over all key blocks; the sparse state shares the full state's running max, so a selected block's
     p and p @ V are computed once and added to both accumulators."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    qb = start_m // LUT_BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, off_b, off_h, start_m, qb, offs_m = _query_tile(H, BLOCK_M, LUT_BLOCK_M)
     q_base = Q + off_b * sqb + off_h * sqh
     k_base = K + off_b * skb + off_h * skh
     v_base = V + off_b * svb + off_h * svh
@@ -594,13 +594,7 @@ def _sla_fwd(
     """Sparse FlashAttention over the LUT, then linear attention over the marginal blocks. The linear sums come
     either from the global sums minus the selected and negligible blocks (SLA's pre-aggregation) or, when fewer
     blocks are marginal than excluded, straight from the marginal blocks: whichever loads fewer S_j tiles."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    qb = start_m // LUT_BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, off_b, off_h, start_m, qb, offs_m = _query_tile(H, BLOCK_M, LUT_BLOCK_M)
     q_base = Q + off_b * sqb + off_h * sqh
     k_base = K + off_b * skb + off_h * skh
     v_base = V + off_b * svb + off_h * svh
@@ -660,13 +654,7 @@ def _kept_mass_fwd(
 ):  # fmt: skip
     """alpha = sigmoid(lse_sparse - log sum over the skipped key blocks j of n_j exp(s q.mean_j + s^2/2 q^2.var_j)),
     an online log-sum-exp over KB key blocks at a time (the block moments stay in L2; no N x n_k logits in memory)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    qb = start_m // LUT_BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, off_b, off_h, start_m, qb, offs_m = _query_tile(H, BLOCK_M, LUT_BLOCK_M)
     q_base = Q + off_b * sqb + off_h * sqh
     q = _load_rows(q_base, q_base, off_b, off_h, start_m, N, sqn, D, BLOCK_M, HEAD_D, False, True).to(tl.float32)
     q2 = q * q
