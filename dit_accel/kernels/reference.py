@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_pair",
+    "block_sizes",
     "dense_attention",
     "inverse_permutation",
     "kept_mass",
@@ -261,9 +262,13 @@ def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Ten
     n_blocks = math.ceil(n / block)
     pad = n_blocks * block - n
     sums = torch.nn.functional.pad(xf, (0, 0, 0, pad)).view(b, h, n_blocks, block, d).sum(dim=3)
-    counts = torch.full((n_blocks,), float(block), device=x.device)
-    counts[-1] = n - (n_blocks - 1) * block
-    return sums / counts[:, None]
+    return sums / block_sizes(n, block, x.device)[:, None]
+
+
+def block_sizes(n: int, block: int, device: torch.device | str) -> torch.Tensor:
+    """float32 (ceil(n / block),): real tokens per block (the last one ragged), made on the device (no host copy,
+    so capturable in a CUDA graph)."""
+    return (n - block * torch.arange(math.ceil(n / block), device=device)).clamp(max=block).to(torch.float32)
 
 
 def lut_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,7 +378,7 @@ def key_block_moments(k: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torc
     b, h, n, d = k.shape
     n_kb = math.ceil(n / block_n)
     kf = torch.nn.functional.pad(k.float(), (0, 0, 0, n_kb * block_n - n)).view(b, h, n_kb, block_n, d)
-    counts = (n - block_n * torch.arange(n_kb, device=k.device)).clamp(max=block_n).float()
+    counts = block_sizes(n, block_n, k.device)
     mean = kf.sum(3) / counts[:, None]
     var = (kf.pow(2).sum(3) / counts[:, None] - mean.pow(2)).clamp(min=0.0)
     return mean, var, counts.log()

@@ -1212,8 +1212,7 @@ def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Ten
         x, out, *x.stride()[:3], h, n, n_blocks, d, POOL=block, TILE=tile, HEAD_D=_pow2(d, 1), num_warps=4
     )
     if smooth:  # mean over blocks weighted by their real sizes = the mean over all tokens
-        # real block sizes (the last one ragged), made on the device: no host copy, so capturable in a CUDA graph
-        sizes = (n - block * torch.arange(n_blocks, device=x.device)).clamp(max=block).to(torch.float32)
+        sizes = reference.block_sizes(n, block, x.device)
         out = out - (out * sizes[:, None]).sum(2, keepdim=True) / n
     return out
 
