@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dit_accel.toy.data import (
     BACKGROUNDS,
@@ -31,7 +33,7 @@ from dit_accel.toy.data import (
 )
 from dit_accel.toy.model import build_transformer
 from dit_accel.toy.pipeline import ToyVideoPipeline
-from dit_accel.toy.probe import AttentionProbe
+from dit_accel.toy.probe import WORD_CLASSES, AttentionProbe, word_influence
 
 SEEN = [  # training-distribution triples, for comparison with the held-out ones
     ("red", "circle", "right"),
@@ -67,7 +69,7 @@ def judge(video: np.ndarray, color: str, direction: str) -> dict[str, Any]:
     got = motion_direction(track)
     return {
         "color_ok": color_ok,
-        "direction": got,
+        "detected_direction": got,
         "direction_ok": got == direction,
         "pass": color_ok and got == direction,
         "present_frames": round(present, 3),
@@ -81,11 +83,11 @@ def frame_diff(video: np.ndarray) -> float:
 
 
 def render_set(
-    pipe: ToyVideoPipeline, items: list[dict[str, str]], args: argparse.Namespace, seed: int
+    pipe: ToyVideoPipeline, items: list[dict[str, str]], args: argparse.Namespace, seed: int, desc: str = "render"
 ) -> list[np.ndarray]:
     """Dense renders, batched, each prompt with its own generator so results do not depend on the batch split."""
     videos: list[np.ndarray] = []
-    for i in range(0, len(items), args.batch):
+    for i in tqdm(range(0, len(items), args.batch), desc=desc, unit="batch", file=sys.stdout, mininterval=10):
         chunk = items[i : i + args.batch]
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
         out = pipe(
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-seen", action="store_true", help="skip the seen-triple comparison")
     ap.add_argument("--probe-prompts", type=int, default=2)
+    ap.add_argument("--influence-prompts", type=int, default=6, help="held-out scenes for the word-influence probe")
     ap.add_argument(
         "--write-card", action="store_true",
         help="write eval.json and samples.png into the model directory and rewrite its README.md with the numbers",
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     strip: list[np.ndarray] = []
     for name, items in groups.items():
         t0 = time.perf_counter()
-        videos = render_set(pipe, items, args, args.seed)
+        videos = render_set(pipe, items, args, args.seed, desc=name)
         secs = time.perf_counter() - t0
         rows, diffs, ref_diffs = [], [], []
         for it, vid in zip(items, videos):
@@ -215,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     rand_pipe.set_progress_bar_config(disable=True)
     result["attention_random_init"] = attention_structure(rand_pipe, args, probe_prompts[:1], half)
 
+    scenes = [
+        (it["color"], it["shape"], it["direction"], it["background"]) for it in groups["held_out"][:: args.per_triple]
+    ]
+    result["word_influence"] = word_influence(
+        pipe.transformer, pipe.text_encoder, scenes[: args.influence_prompts], (args.frames, args.size, args.size)
+    )
+    print("word influence:", result["word_influence"], flush=True)
+
     t0 = time.perf_counter()
     torch.set_num_threads(2)
     pipe(groups["held_out"][0]["prompt"], generator=torch.Generator().manual_seed(0))
@@ -243,6 +254,7 @@ def _model_cfg(pipe: ToyVideoPipeline) -> dict[str, Any]:
         "patch_size": list(c.patch_size),
         "freq_dim": c.freq_dim,
         "text_dim": c.text_dim,
+        "coordinates": c.in_channels != c.out_channels,
     }
 
 
@@ -356,6 +368,8 @@ local heads, low ones global heads.
 |---|---|---|---|---|
 {att_rows}
 
+{_influence_section(ev)}
+
 ![samples](samples.png)
 
 ## Status against the issue's targets
@@ -405,6 +419,26 @@ def _status(ev: dict[str, Any], log: dict[str, Any]) -> str:
     for event in log.get("history", []):
         lines.append(f"- Run history: {event}")
     return "\n".join(lines)
+
+
+def _influence_section(ev: dict[str, Any]) -> str:
+    """Which prompt words steer the prediction (dit_accel.toy.probe.word_influence); older evals lack it."""
+    inf = ev.get("word_influence")
+    if not inf:
+        return ""
+    head = " | ".join(WORD_CLASSES)
+    rows = "\n".join(
+        f"| {key.removeprefix('sigma_')} | " + " | ".join(f"{v[c]:.4f}" for c in WORD_CLASSES) + " |"
+        for key, v in inf.items()
+    )
+    return f"""Which words steer the model: mean |change| of the predicted clean video (pixels in [-1, 1]) when one word
+of a held-out prompt is swapped for another of its class, same noise and sigma (`dit_accel.toy.probe.word_influence`).
+A word near 0 is ignored.
+
+| sigma | {head} |
+|---|{"---|" * len(WORD_CLASSES)}
+{rows}
+"""
 
 
 def _count_params(model: Path) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dit_accel.toy.data import make_batch
+from dit_accel.toy.data import batch_tensor, caption, make_batch, sample_batch
 from dit_accel.toy.model import build_scheduler, build_text_encoder, build_transformer, flow_matching_loss
 from dit_accel.toy.pipeline import ToyVideoPipeline
 
@@ -62,12 +62,15 @@ class Trainer:
         self.ema = [copy.deepcopy(self.transformer).eval(), copy.deepcopy(self.text_encoder).eval()]
         for m in self.ema:
             m.requires_grad_(False)
-        params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
+        self.params = list(self.transformer.parameters()) + list(self.text_encoder.parameters())
+        self.ema_params = list(self.ema[0].parameters()) + list(self.ema[1].parameters())
+        self.cuda = device.type == "cuda"
         self.opt = torch.optim.AdamW(
-            params, lr=self.tcfg["lr"], betas=(0.9, 0.99), weight_decay=self.tcfg["weight_decay"]
+            self.params, lr=self.tcfg["lr"], betas=(0.9, 0.99), weight_decay=self.tcfg["weight_decay"], fused=self.cuda
         )
         self.step_idx = 0
         self.losses: list[float] = []
+        self._pending: list[torch.Tensor] = []  # losses still on the device: read in groups, not once per step
         self.seconds = 0.0
         self.total = sum(p["steps"] for p in phases)
         self.history: list[str] = []  # resumes and budget changes, for the model card
@@ -78,12 +81,14 @@ class Trainer:
         args = (self.tcfg["seed"], step * 1024, ph["batch"], ph["frames"], ph["height"], ph["width"])
         return args, {"two_object_prob": self.tcfg["two_object_prob"], "pan_prob": self.tcfg["pan_prob"]}
 
-    def step(self, batch: tuple | None = None) -> float:
-        """One update on batch ``step_idx`` of the curriculum (``batch``: that batch, already made elsewhere)."""
+    def step(self, batch: tuple | None = None) -> None:
+        """One update on batch ``step_idx`` of the curriculum (``batch``: its ``(x0, prompts)``, made elsewhere).
+        On CUDA the step runs in bfloat16 autocast and never waits for the device: losses are read by
+        :meth:`flush_losses`, so the host queues the next step while the GPU runs this one."""
         ph = phase_at(self.step_idx, self.phases)
         if batch is None:
             args, kwargs = self.batch_args(self.step_idx)
-            batch = make_batch(*args, **kwargs)
+            batch = make_batch(*args, device=self.device, **kwargs)
         x0, prompts = batch
         # noise and sigmas drawn where the model runs (a CPU draw of a GPU batch costs more than the GPU step)
         gen = torch.Generator(device=self.device).manual_seed(self.tcfg["seed"] * 1_000_003 + self.step_idx)
@@ -91,37 +96,40 @@ class Trainer:
             g["lr"] = lr_at(self.step_idx, self.total, self.tcfg)
         self.transformer.train()
         self.text_encoder.train()
-        loss = flow_matching_loss(
-            self.transformer,
-            self.text_encoder,
-            torch.from_numpy(x0),
-            prompts,
-            ph.get("sigma_shift", self.mcfg["flow_shift"]),
-            gen,
-            cond_drop=self.tcfg["cond_drop"],
-            device=self.device,
-        )
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            loss = flow_matching_loss(
+                self.transformer,
+                self.text_encoder,
+                x0,
+                prompts,
+                ph.get("sigma_shift", self.mcfg["flow_shift"]),
+                gen,
+                cond_drop=self.tcfg["cond_drop"],
+                device=self.device,
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(
-            list(self.transformer.parameters()) + list(self.text_encoder.parameters()), self.tcfg["grad_clip"]
-        )
+        torch.nn.utils.clip_grad_norm_(self.params, self.tcfg["grad_clip"])
         self.opt.step()
         self._update_ema()
         self.step_idx += 1
-        value = loss.item()
-        self.losses.append(value)
-        return value
+        self._pending.append(loss.detach())
+
+    def flush_losses(self) -> float:
+        """Move the losses of the steps taken since the last call to ``losses``; the latest one (NaN if none)."""
+        if self._pending:
+            self.losses.extend(torch.stack(self._pending).float().cpu().tolist())
+            self._pending.clear()
+        return self.losses[-1] if self.losses else float("nan")
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         # Warm-up form of the decay so early checkpoints are not dominated by the random init.
         d = min(self.tcfg["ema_decay"], (1 + self.step_idx) / (10 + self.step_idx))
-        for ema, live in zip(self.ema, (self.transformer, self.text_encoder)):
-            for pe, pl in zip(ema.parameters(), live.parameters()):
-                pe.lerp_(pl, 1 - d)
+        torch._foreach_lerp_(self.ema_params, self.params, 1 - d)
 
     def state_dict(self) -> dict[str, Any]:
+        self.flush_losses()
         return {
             "transformer": self.transformer.state_dict(),
             "text_encoder": self.text_encoder.state_dict(),
@@ -135,16 +143,32 @@ class Trainer:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.transformer.load_state_dict(sd["transformer"])
-        self.text_encoder.load_state_dict(sd["text_encoder"])
-        self.ema[0].load_state_dict(sd["ema_transformer"])
-        self.ema[1].load_state_dict(sd["ema_text_encoder"])
-        self.opt.load_state_dict(sd["opt"])
+        """Restore a training state. A state saved without the coordinate input channels (``coordinates`` in the
+        model config) loads into a model with them: the new input weights and their optimiser moments start at
+        zero, so the model computes exactly what it did, and the card's history says so."""
+        widened: set[str] = set()
+        for key, module in (("transformer", self.transformer), ("text_encoder", self.text_encoder)):
+            for prefix, target in (("", module), ("ema_", self.ema[0 if key == "transformer" else 1])):
+                own = target.state_dict()
+                src = {k: _widen(v, own[k].shape, k, widened) if k in own else v for k, v in sd[prefix + key].items()}
+                target.load_state_dict(src)
+        opt = copy.deepcopy(sd["opt"])
+        for i, state in opt["state"].items():
+            for name, v in state.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    state[name] = _widen(v, self.params[i].shape, f"optimiser {name}", widened)
+        self.opt.load_state_dict(opt)
         self.step_idx, self.losses, self.seconds = sd["step"], sd["losses"], sd["seconds"]
         self.history = list(sd.get("history", []))
+        if widened:
+            self.history.append(
+                f"at step {self.step_idx:,} the transformer gained the coordinate input channels (`dit_accel.toy."
+                f"model.coordinate_planes`), their weights starting at zero: {', '.join(sorted(widened))}"
+            )
 
     def export(self, out: Path, hardware: str, budget: str) -> None:
         """Write the EMA weights as a loadable pipeline directory plus the training log and loss curve."""
+        self.flush_losses()
         pipe = ToyVideoPipeline(
             transformer=copy.deepcopy(self.ema[0]).cpu(),
             text_encoder=copy.deepcopy(self.ema[1]).cpu(),
@@ -178,21 +202,35 @@ class Trainer:
             os.rename(tmp, out)
 
 
+def _widen(v: torch.Tensor, shape: torch.Size, name: str, widened: set[str]) -> torch.Tensor:
+    """``v`` zero-padded at the end of each dimension to ``shape`` (a layer that gained inputs)."""
+    if v.shape == shape:
+        return v
+    if v.dim() != len(shape) or any(a > b for a, b in zip(v.shape, shape)):
+        raise ValueError(f"saved {name} has shape {tuple(v.shape)}, which cannot grow into {tuple(shape)}")
+    out = v.new_zeros(shape)
+    out[tuple(slice(0, n) for n in v.shape)] = v
+    if not name.startswith("optimiser"):
+        widened.add(name)
+    return out
+
+
 def _rmtree(path: Path) -> None:
     for p in sorted(path.rglob("*"), key=lambda q: len(q.parts), reverse=True):
         p.rmdir() if p.is_dir() else p.unlink()
     path.rmdir()
 
 
-def _make_batch_star(job: tuple[tuple, dict[str, float]]) -> tuple:
+def _sample_batch_star(job: tuple[tuple, dict[str, float]]) -> list:
     args, kwargs = job
-    return make_batch(*args, **kwargs)
+    return sample_batch(*args, **kwargs)
 
 
 class Prefetcher:
-    """Makes the next batches in worker processes while the GPU trains (the clips are drawn with numpy on the CPU,
-    slower than a small model's GPU step). Same batches, same order as making them inline. The pool forks (on
-    Linux) before the model is built, so workers start at once; they never touch CUDA."""
+    """Draws the next batches' scenes in worker processes while the GPU trains (sampling a scene is Python, slower
+    per batch than a small model's GPU step); the pixels are then drawn on the device by ``render_batch``, so only
+    the small scene descriptions cross processes. Same batches, same order as making them inline. The pool forks
+    (on Linux) before the model is built, so workers start at once; they never touch CUDA."""
 
     def __init__(self, workers: int, ahead: int) -> None:
         import concurrent.futures
@@ -208,8 +246,9 @@ class Prefetcher:
     def get(self, trainer: Trainer, step: int, last: int) -> tuple:
         for s in range(step, min(step + self.ahead, last)):
             if s not in self.pending:
-                self.pending[s] = self.pool.submit(_make_batch_star, trainer.batch_args(s))
-        return self.pending.pop(step).result()
+                self.pending[s] = self.pool.submit(_sample_batch_star, trainer.batch_args(s))
+        scenes = self.pending.pop(step).result()
+        return batch_tensor(scenes, trainer.device), [caption(sc) for sc in scenes]
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -223,7 +262,7 @@ def fit_phases(config: dict[str, Any], device: torch.device, phases: list[dict[s
     for i in range(len(phases)):
         first = sum(p["steps"] for p in phases[:i])
         args, kwargs = probe.batch_args(first)
-        batch = make_batch(*args, **kwargs)
+        batch = make_batch(*args, device=device, **kwargs)
         times = []
         for _ in range(4):
             probe.step_idx = first
@@ -231,6 +270,7 @@ def fit_phases(config: dict[str, Any], device: torch.device, phases: list[dict[s
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             probe.step(batch)
+            probe.flush_losses()  # waits for the device, like a synchronise
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
@@ -320,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             "learning-rate schedule follows the new plan from there"
         )
     total = trainer.total if args.max_steps is None else min(trainer.total, args.max_steps)
-    every = config["train"]["ckpt_every"]
+    every, log_every = config["train"]["ckpt_every"], config["train"]["log_every"]
 
     def checkpoint() -> None:
         torch.save(trainer.state_dict(), state_dir / "state.tmp")
@@ -336,12 +376,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time is up at step {trainer.step_idx} of {total}", flush=True)
             checkpoint()
             break
+        t0 = time.perf_counter()  # drawing the batch counts: on CUDA it is drawn on the device
         batch = prefetch.get(trainer, trainer.step_idx, total) if prefetch else None
-        t0 = time.perf_counter()
-        loss = trainer.step(batch)
+        trainer.step(batch)
+        if trainer.step_idx % log_every == 0:  # the host waits for the device here, so the time below is real
+            ph = phase_at(trainer.step_idx - 1, trainer.phases)
+            loss = trainer.flush_losses()
+            bar.set_postfix_str(f"loss={loss:.4f} grid={ph['frames']}x{ph['height']}x{ph['width']}", refresh=False)
         trainer.seconds += time.perf_counter() - t0
-        ph = phase_at(trainer.step_idx - 1, trainer.phases)
-        bar.set_postfix_str(f"loss={loss:.4f} grid={ph['frames']}x{ph['height']}x{ph['width']}", refresh=False)
         bar.update(1)
         if trainer.step_idx % every == 0 or trainer.step_idx == total:
             checkpoint()

@@ -9,15 +9,20 @@ import pytest
 import torch
 
 from dit_accel.toy.data import (
+    BG_TONES,
     COLORS,
     DIR_VEC,
     HELD_OUT,
+    ObjectSpec,
+    SceneSpec,
     caption,
     centroid_track,
     make_batch,
     make_sample,
     motion_direction,
     render,
+    render_batch,
+    sample_batch,
     sample_scene,
     segment_color,
 )
@@ -49,6 +54,30 @@ def test_generator_is_deterministic() -> None:
     assert ca == cb and np.array_equal(a, b)
     assert not np.array_equal(a, c)
     assert a.shape == (8, 32, 32, 3) and a.dtype == np.float32 and 0.0 <= a.min() and a.max() <= 1.0
+
+
+def test_batched_drawing_matches_one_scene_at_a_time() -> None:
+    scenes = sample_batch(3, 0, 12, 6, 24, 32, two_object_prob=0.5, pan_prob=0.5)
+    assert {len(s.objects) for s in scenes} == {1, 2} and any(s.pan for s in scenes)
+    batch = render_batch(scenes)
+    assert batch.shape == (12, 6, 24, 32, 3)
+    for scene, video in zip(scenes, batch):
+        np.testing.assert_allclose(video.numpy(), render(scene), atol=1e-6)
+    x0, prompts = make_batch(3, 0, 12, 6, 24, 32, two_object_prob=0.5, pan_prob=0.5)
+    assert x0.shape == (12, 3, 6, 24, 32) and prompts == [caption(s) for s in scenes]
+    torch.testing.assert_close(x0, batch.permute(0, 4, 1, 2, 3) * 2 - 1)
+    with pytest.raises(ValueError, match="same frames"):
+        render_batch([scenes[0], sample_scene(np.random.default_rng(0), 6, 32, 32)])
+
+
+def test_a_still_circle_is_drawn_where_it_is_and_in_its_colour() -> None:
+    obj = ObjectSpec("red", "circle", "grows", x0=12.0, y0=8.0, radius=4.0, growth=1.0)
+    scene = SceneSpec(2, 16, 24, "plain", (BG_TONES[0], BG_TONES[1]), (), None, 0.0, (obj,))
+    video = render(scene)
+    np.testing.assert_allclose(video[:, 8, 12], [COLORS["red"]] * 2, atol=1e-6)  # centre pixel (11.5..12.5)
+    np.testing.assert_allclose(video[:, 0, 0], [BG_TONES[0]] * 2, atol=1e-6)
+    inside = segment_color(video, "red")[0]
+    assert 40 <= inside.sum() <= 60  # area of a radius-4 disc is 50 px
 
 
 def test_captions_use_the_vocabulary_and_exclude_held_out() -> None:
@@ -169,7 +198,6 @@ def test_one_training_step_reduces_loss_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     tf, te = build_transformer(TINY), build_text_encoder(TINY)
     x0, prompts = make_batch(0, 0, 2, 4, 16, 16)
-    x0 = torch.from_numpy(x0)
 
     def loss() -> torch.Tensor:
         return flow_matching_loss(tf, te, x0, prompts, 3.0, torch.Generator().manual_seed(0))
@@ -181,3 +209,90 @@ def test_one_training_step_reduces_loss_on_a_fixed_batch() -> None:
     with torch.no_grad():
         after = loss()
     assert after.item() < before.item()
+
+
+def test_train_script_is_reproducible_with_and_without_data_workers(tmp_path: Path) -> None:
+    """Three steps of scripts/train_toy.py on a tiny config: the worker path draws the same batches as the inline
+    one (same losses), and the exported directory loads as a pipeline."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    config = json.loads((root / "configs" / "toy.json").read_text())
+    config["model"] = TINY
+    config["train"] |= {"ckpt_every": 2, "log_every": 2}
+    config["budgets"] = {
+        "tiny": {"threads": 1, "phases": [{"steps": 3, "batch": 2, "frames": 4, "height": 16, "width": 16}]}
+    }
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    logs = []
+    for workers in (0, 1):
+        out = tmp_path / f"model{workers}"
+        cmd = [sys.executable, str(root / "scripts" / "train_toy.py"), "--config", str(tmp_path / "tiny.json"),
+               "--budget", "tiny", "--device", "cpu", "--workers", str(workers), "--out", str(out),
+               "--state-dir", str(tmp_path / f"state{workers}")]  # fmt: skip
+        run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        logs.append(json.loads((out / "train_log.json").read_text()))
+    assert logs[0]["steps_done"] == 3 and len(logs[0]["losses"]) == 3
+    assert logs[0]["losses"] == logs[1]["losses"]
+    pipe = ToyVideoPipeline.from_pretrained(tmp_path / "model1")
+    assert pipe.transformer.config.num_layers == 1
+
+    # Resuming with coordinate channels added: the saved 3-channel state grows into the 6-channel model.
+    config["model"] = {**TINY, "coordinates": True}
+    config["budgets"]["tiny"]["phases"][0]["steps"] = 4
+    (tmp_path / "coord.json").write_text(json.dumps(config))
+    cmd = [sys.executable, str(root / "scripts" / "train_toy.py"), "--config", str(tmp_path / "coord.json"),
+           "--budget", "tiny", "--device", "cpu", "--resume", "--out", str(tmp_path / "coord"),
+           "--state-dir", str(tmp_path / "state0")]  # fmt: skip
+    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = json.loads((tmp_path / "coord" / "train_log.json").read_text())
+    assert log["steps_done"] == 4 and log["losses"][:3] == logs[0]["losses"]
+    assert any("coordinate input channels" in event for event in log["history"])
+    assert ToyVideoPipeline.from_pretrained(tmp_path / "coord").transformer.config.in_channels == 6
+
+
+def test_word_influence_is_zero_for_a_word_the_model_cannot_see() -> None:
+    from dit_accel.toy.probe import WORD_CLASSES, word_influence
+
+    torch.manual_seed(0)
+    tf, te = build_transformer(TINY).eval(), build_text_encoder(TINY).eval()
+    with torch.no_grad():  # all four direction words share one embedding: the direction is invisible
+        rows = [te.word_to_id[w] for w in ("left", "right", "up", "down")]
+        te.embed.weight[rows] = te.embed.weight[rows[0]].clone()
+    scenes = [("red", "circle", "left", "plain"), ("blue", "ring", "up", "striped")]
+    out = word_influence(tf, te, scenes, size=(4, 16, 16), sigmas=(0.9, 0.5))
+    assert list(out) == ["sigma_0.9", "sigma_0.5"]
+    for per_class in out.values():
+        assert list(per_class) == list(WORD_CLASSES)
+        assert per_class["direction"] == 0.0
+        assert per_class["colour"] > 0 and per_class["background"] > 0
+
+
+def test_coordinate_channels_reach_the_transformer_and_the_pipeline_renders(tmp_path: Path) -> None:
+    from dit_accel.toy.model import coordinate_planes, transformer_input
+
+    x = torch.zeros(2, 3, 3, 4, 5)
+    planes = coordinate_planes(x)
+    assert planes.shape == (2, 3, 3, 4, 5)
+    torch.testing.assert_close(planes[0, :, 0, 0, 0], torch.tensor([-1.0, -1.0, -1.0]))
+    torch.testing.assert_close(planes[1, :, -1, -1, -1], torch.tensor([1.0, 1.0, 1.0]))
+    torch.testing.assert_close(planes[0, 2, 1, 2], torch.linspace(-1, 1, 5))  # columns, left to right
+
+    torch.manual_seed(0)
+    tf = build_transformer({**TINY, "coordinates": True})
+    assert (tf.config.in_channels, tf.config.out_channels) == (6, 3)
+    assert transformer_input(tf, x).shape == (2, 6, 3, 4, 5)
+    with pytest.raises(ValueError, match="allowed: 3 or 6"):
+        transformer_input(tf, torch.zeros(1, 4, 3, 4, 5))
+    pipe = ToyVideoPipeline(transformer=tf, text_encoder=build_text_encoder(TINY), scheduler=build_scheduler(TINY))
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe("a red circle moves left over a plain background", num_frames=4, height=16, width=16,
+                  num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
+    assert frames.shape == (1, 4, 16, 16, 3) and np.isfinite(frames).all()
+    pipe.save_pretrained(tmp_path / "coord")
+    again = ToyVideoPipeline.from_pretrained(tmp_path / "coord")
+    assert again.transformer.config.in_channels == 6

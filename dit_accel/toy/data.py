@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.92, 0.16, 0.14),
@@ -273,78 +275,155 @@ def _stable_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-def _shape_sdf(shape: str, px: np.ndarray, py: np.ndarray, r: float, angle: float) -> np.ndarray:
-    """Signed distance (pixels, negative inside) of a shape centred at the origin."""
-    if shape == "circle":
-        return np.hypot(px, py) - r
-    if shape == "ring":
-        return np.abs(np.hypot(px, py) - 0.7 * r) - 0.3 * r
-    c, s = math.cos(angle), math.sin(angle)
-    lx, ly = c * px + s * py, -s * px + c * py
-    if shape == "square":
-        return np.maximum(np.abs(lx), np.abs(ly)) - 0.82 * r
-    if shape == "triangle":
-        d = None
-        for k in range(3):
-            phi = math.pi / 2 + 2 * math.pi * k / 3
-            e = lx * math.cos(phi) + ly * math.sin(phi) - 0.5 * r
-            d = e if d is None else np.maximum(d, e)
-        return d
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+_SHAPE_ID = {name: i for i, name in enumerate(SHAPES)}
+_BACKGROUND_ID = {name: i for i, name in enumerate(BACKGROUNDS)}
 
 
-def _background(scene: SceneSpec, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    c0, c1 = (np.asarray(c, dtype=np.float32) for c in scene.bg_colors)
-    if scene.background == "plain":
-        w = np.zeros_like(xs)
-    elif scene.background == "gradient":
-        dx, dy = scene.bg_param
-        proj = (xs - scene.width / 2) * dx + (ys - scene.height / 2) * dy
-        half = 0.5 * (abs(dx) * scene.width + abs(dy) * scene.height)
-        w = np.clip(0.5 + 0.5 * proj / half, 0.0, 1.0)
-    elif scene.background == "striped":
-        vertical, period = scene.bg_param
-        coord = xs if vertical else ys
-        w = (np.floor(coord / (period / 2)) % 2).astype(np.float32)
-    elif scene.background == "checkered":
-        (cell,) = scene.bg_param
-        w = ((np.floor(xs / cell) + np.floor(ys / cell)) % 2).astype(np.float32)
-    else:
-        raise ValueError(f"unknown background {scene.background!r}; expected one of {BACKGROUNDS}")
-    return (1 - w)[..., None] * c0 + w[..., None] * c1
+def _scene_params(scenes: Sequence[SceneSpec]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-scene background and per-(scene, frame, object) state as float64 tables; the float32 cast happens once,
+    where numpy would cast a Python scalar meeting a float32 array, so the drawing matches the per-frame form."""
+    b, f = len(scenes), scenes[0].frames
+    n_obj = max(len(s.objects) for s in scenes)
+    bg = {k: np.zeros((b,) + shape) for k, shape in (("kind", ()), ("c0", (3,)), ("c1", (3,)), ("p", (3,)))}
+    ob = {k: np.zeros((b, f, n_obj) + shape) for k, shape in (
+        ("x", ()), ("y", ()), ("r", ()), ("cos", ()), ("sin", ()), ("shape", ()), ("color", (3,)), ("on", ()),
+    )}  # fmt: skip
+    cam = np.zeros((b, f, 2))
+    for i, scene in enumerate(scenes):
+        if (scene.frames, scene.height, scene.width) != (f, scenes[0].height, scenes[0].width):
+            raise ValueError("render_batch: every scene must have the same frames, height and width")
+        bg["kind"][i] = _BACKGROUND_ID[scene.background]
+        bg["c0"][i], bg["c1"][i] = scene.bg_colors
+        if scene.background == "gradient":
+            dx, dy = scene.bg_param
+            bg["p"][i] = (dx, dy, 0.5 * (abs(dx) * scene.width + abs(dy) * scene.height))
+        elif scene.background == "striped":
+            bg["p"][i] = (scene.bg_param[0], scene.bg_param[1] / 2, 1.0)
+        elif scene.background == "checkered":
+            bg["p"][i] = (0.0, scene.bg_param[0], 1.0)
+        else:
+            bg["p"][i] = (0.0, 1.0, 1.0)
+        for t in range(f):
+            ox, oy = scene.camera_offset(t)
+            cam[i, t] = ox, oy
+            for j, obj in enumerate(scene.objects):
+                x, y, r, a = obj.state(t, f)
+                ob["x"][i, t, j], ob["y"][i, t, j], ob["r"][i, t, j] = x - ox, y - oy, r
+                ob["cos"][i, t, j], ob["sin"][i, t, j] = math.cos(a), math.sin(a)
+                ob["shape"][i, t, j] = _SHAPE_ID[obj.shape]
+                ob["color"][i, t, j] = COLORS[obj.color]
+                ob["on"][i, t, j] = 1.0
+    bg["cam"] = cam
+    return bg, ob
+
+
+def _shape_sdf(shape: torch.Tensor, px: torch.Tensor, py: torch.Tensor, r, cos, sin) -> torch.Tensor:
+    """Signed distance (pixels, negative inside) of each object's shape (``shape`` holds :data:`SHAPES` indices),
+    centred at the origin; every parameter broadcasts against the pixel offsets ``px``, ``py``."""
+    radial = torch.hypot(px, py)
+    lx, ly = cos * px + sin * py, -sin * px + cos * py
+    tri = None
+    for k in range(3):
+        phi = math.pi / 2 + 2 * math.pi * k / 3
+        e = lx * math.cos(phi) + ly * math.sin(phi) - 0.5 * r
+        tri = e if tri is None else torch.maximum(tri, e)
+    sdf = {
+        "circle": radial - r,
+        "ring": (radial - 0.7 * r).abs() - 0.3 * r,
+        "square": torch.maximum(lx.abs(), ly.abs()) - 0.82 * r,
+        "triangle": tri,
+    }
+    out = sdf["circle"]
+    for name in SHAPES[1:]:
+        out = torch.where(shape == _SHAPE_ID[name], sdf[name], out)
+    return out
+
+
+def _background(kind: torch.Tensor, p: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, height: int, width: int):
+    """Blend weight toward the second background tone, per pixel, for each scene's background kind."""
+    gradient = torch.clamp(0.5 + 0.5 * ((xs - width / 2) * p[0] + (ys - height / 2) * p[1]) / p[2], 0.0, 1.0)
+    stripe_coord = torch.where(p[0] > 0, xs, ys)
+    striped = torch.remainder(torch.floor(stripe_coord / p[1]), 2)
+    checkered = torch.remainder(torch.floor(xs / p[1]) + torch.floor(ys / p[1]), 2)
+    w = torch.zeros_like(gradient)
+    for name, value in (("gradient", gradient), ("striped", striped), ("checkered", checkered)):
+        w = torch.where(kind == _BACKGROUND_ID[name], value, w)
+    return w
+
+
+def render_batch(scenes: Sequence[SceneSpec], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Draw same-sized scenes at once on ``device``: float32 ``(B, frames, H, W, 3)`` in [0, 1], anti-aliased via
+    signed distances. Vectorised over scenes, frames and objects so a GPU trainer draws its batch where it trains."""
+    if not scenes:
+        raise ValueError("render_batch: scenes is empty")
+    bg, ob = _scene_params(scenes)
+    h, w = scenes[0].height, scenes[0].width
+
+    def t32(a: np.ndarray, *trail: int) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=torch.float32, device=device).reshape(*a.shape[:2], *trail)
+
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+        torch.arange(w, dtype=torch.float32, device=device) + 0.5,
+        indexing="ij",
+    )
+    b, f = bg["cam"].shape[:2]
+    cam = torch.as_tensor(bg["cam"], dtype=torch.float32, device=device)
+    wx, wy = xs + cam[..., 0, None, None], ys + cam[..., 1, None, None]  # (B, F, H, W) world coordinates
+    p = torch.as_tensor(bg["p"], dtype=torch.float32, device=device).T.reshape(3, b, 1, 1, 1)
+    kind = torch.as_tensor(bg["kind"], device=device).reshape(b, 1, 1, 1)
+    weight = _background(kind, p, wx, wy, h, w)[..., None]
+    c0 = torch.as_tensor(bg["c0"], dtype=torch.float32, device=device).reshape(b, 1, 1, 1, 3)
+    c1 = torch.as_tensor(bg["c1"], dtype=torch.float32, device=device).reshape(b, 1, 1, 1, 3)
+    frame = (1 - weight) * c0 + weight * c1
+    for j in range(ob["x"].shape[2]):  # back to front
+        col = {k: torch.as_tensor(v[:, :, j], device=device) for k, v in ob.items()}
+        x, y, r, cos, sin = (col[k].to(torch.float32)[..., None, None] for k in ("x", "y", "r", "cos", "sin"))
+        sdf = _shape_sdf(col["shape"][..., None, None], xs - x, ys - y, r, cos, sin)
+        alpha = (torch.clamp(0.5 - sdf, 0.0, 1.0) * col["on"].to(torch.float32)[..., None, None])[..., None]
+        frame = frame * (1 - alpha) + alpha * col["color"].to(torch.float32)[:, :, None, None, :]
+    return frame
 
 
 def render(scene: SceneSpec) -> np.ndarray:
-    """Render to float32 ``(frames, height, width, 3)`` in [0, 1], anti-aliased via signed distances."""
-    ys, xs = np.meshgrid(
-        np.arange(scene.height, dtype=np.float32) + 0.5, np.arange(scene.width, dtype=np.float32) + 0.5, indexing="ij"
-    )
-    out = np.empty((scene.frames, scene.height, scene.width, 3), dtype=np.float32)
-    for t in range(scene.frames):
-        ox, oy = scene.camera_offset(t)
-        frame = _background(scene, xs + ox, ys + oy)
-        for obj in scene.objects:
-            x, y, r, a = obj.state(t, scene.frames)
-            x, y = x - ox, y - oy  # world to frame
-            alpha = np.clip(0.5 - _shape_sdf(obj.shape, xs - x, ys - y, r, a), 0.0, 1.0)[..., None]
-            frame = frame * (1 - alpha) + alpha * np.asarray(COLORS[obj.color], dtype=np.float32)
-        out[t] = frame
-    return out
+    """Render one scene to float32 ``(frames, height, width, 3)`` in [0, 1] (see :func:`render_batch`)."""
+    return render_batch([scene])[0].numpy()
+
+
+def sample_batch(
+    seed: int, start: int, batch: int, frames: int, height: int, width: int, **kwargs: float
+) -> list[SceneSpec]:
+    """Scenes ``start .. start + batch - 1`` of the stream defined by ``seed`` (cheap: no pixels drawn)."""
+    return [
+        sample_scene(np.random.default_rng([seed, start + i, frames, height, width]), frames, height, width, **kwargs)
+        for i in range(batch)
+    ]
 
 
 def make_sample(seed: int, index: int, frames: int, height: int, width: int, **kwargs: float) -> tuple[np.ndarray, str]:
     """Sample number ``index`` of the stream defined by ``seed``: (video in [0, 1], caption)."""
-    scene = sample_scene(np.random.default_rng([seed, index, frames, height, width]), frames, height, width, **kwargs)
+    (scene,) = sample_batch(seed, index, 1, frames, height, width, **kwargs)
     return render(scene), caption(scene)
 
 
+def batch_tensor(scenes: Sequence[SceneSpec], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Scenes as the model's pixel space: ``(B, 3, frames, H, W)`` in [-1, 1] on ``device``."""
+    return (render_batch(scenes, device).permute(0, 4, 1, 2, 3) * 2.0 - 1.0).contiguous()
+
+
 def make_batch(
-    seed: int, start: int, batch: int, frames: int, height: int, width: int, **kwargs: float
-) -> tuple[np.ndarray, list[str]]:
-    """A batch as ``(B, 3, frames, height, width)`` in [-1, 1] plus captions, the model's pixel space."""
-    videos, texts = zip(*(make_sample(seed, start + i, frames, height, width, **kwargs) for i in range(batch)))
-    arr = np.stack(videos).transpose(0, 4, 1, 2, 3) * 2.0 - 1.0
-    return np.ascontiguousarray(arr, dtype=np.float32), list(texts)
+    seed: int,
+    start: int,
+    batch: int,
+    frames: int,
+    height: int,
+    width: int,
+    device: torch.device | str = "cpu",
+    **kwargs: float,
+) -> tuple[torch.Tensor, list[str]]:
+    """A training batch: ``(B, 3, frames, H, W)`` in [-1, 1] on ``device`` plus its captions."""
+    scenes = sample_batch(seed, start, batch, frames, height, width, **kwargs)
+    return batch_tensor(scenes, device), [caption(s) for s in scenes]
 
 
 def segment_color(video: np.ndarray, color: str, max_dist: float = 0.3) -> np.ndarray:

@@ -17,6 +17,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTra
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .model import transformer_input
 from .text import ToyTextEncoder
 
 
@@ -161,7 +162,7 @@ class ToyVideoPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        shape = (prompt_embeds.shape[0], self.transformer.config.in_channels, num_frames, height, width)
+        shape = (prompt_embeds.shape[0], self.transformer.config.out_channels, num_frames, height, width)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         else:
@@ -174,7 +175,7 @@ class ToyVideoPipeline(DiffusionPipeline):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                model_input = latents.to(dtype)
+                model_input = transformer_input(self.transformer, latents.to(dtype))
                 timestep = t.expand(latents.shape[0])
                 ctx = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
                 with self.transformer.cache_context("cond", **ctx):

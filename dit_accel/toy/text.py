@@ -52,12 +52,12 @@ class ToyTextEncoder(ModelMixin, ConfigMixin):
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Lower-case word split; unknown words map to <unk>, long prompts are cut at ``max_length``."""
-        n = self.config.max_length
-        ids = torch.zeros(len(prompts), n, dtype=torch.long)
-        for b, text in enumerate(prompts):
-            words = re.findall(r"[a-z]+", text.lower())[:n]
-            for i, w in enumerate(words):
-                ids[b, i] = self.word_to_id.get(w, self.word_to_id[UNK])
+        n, unk = self.config.max_length, self.word_to_id[UNK]
+        rows = []
+        for text in prompts:
+            row = [self.word_to_id.get(w, unk) for w in re.findall(r"[a-z]+", text.lower())[:n]]
+            rows.append(row + [0] * (n - len(row)))
+        ids = torch.tensor(rows, dtype=torch.long).reshape(len(prompts), n)
         return ids, ids != 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
