@@ -254,7 +254,6 @@ def _model_cfg(pipe: ToyVideoPipeline) -> dict[str, Any]:
         "patch_size": list(c.patch_size),
         "freq_dim": c.freq_dim,
         "text_dim": c.text_dim,
-        "coordinates": c.in_channels != c.out_channels,
     }
 
 

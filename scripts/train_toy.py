@@ -143,28 +143,13 @@ class Trainer:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore a training state. A state saved without the coordinate input channels (``coordinates`` in the
-        model config) loads into a model with them: the new input weights and their optimiser moments start at
-        zero, so the model computes exactly what it did, and the card's history says so."""
-        widened: set[str] = set()
-        for key, module in (("transformer", self.transformer), ("text_encoder", self.text_encoder)):
-            for prefix, target in (("", module), ("ema_", self.ema[0 if key == "transformer" else 1])):
-                own = target.state_dict()
-                src = {k: _widen(v, own[k].shape, k, widened) if k in own else v for k, v in sd[prefix + key].items()}
-                target.load_state_dict(src)
-        opt = copy.deepcopy(sd["opt"])
-        for i, state in opt["state"].items():
-            for name, v in state.items():
-                if torch.is_tensor(v) and v.dim() > 0:
-                    state[name] = _widen(v, self.params[i].shape, f"optimiser {name}", widened)
-        self.opt.load_state_dict(opt)
+        self.transformer.load_state_dict(sd["transformer"])
+        self.text_encoder.load_state_dict(sd["text_encoder"])
+        self.ema[0].load_state_dict(sd["ema_transformer"])
+        self.ema[1].load_state_dict(sd["ema_text_encoder"])
+        self.opt.load_state_dict(sd["opt"])
         self.step_idx, self.losses, self.seconds = sd["step"], sd["losses"], sd["seconds"]
         self.history = list(sd.get("history", []))
-        if widened:
-            self.history.append(
-                f"at step {self.step_idx:,} the transformer gained the coordinate input channels (`dit_accel.toy."
-                f"model.coordinate_planes`), their weights starting at zero: {', '.join(sorted(widened))}"
-            )
 
     def export(self, out: Path, hardware: str, budget: str) -> None:
         """Write the EMA weights as a loadable pipeline directory plus the training log and loss curve."""
@@ -200,19 +185,6 @@ class Trainer:
             _rmtree(old)
         else:
             os.rename(tmp, out)
-
-
-def _widen(v: torch.Tensor, shape: torch.Size, name: str, widened: set[str]) -> torch.Tensor:
-    """``v`` zero-padded at the end of each dimension to ``shape`` (a layer that gained inputs)."""
-    if v.shape == shape:
-        return v
-    if v.dim() != len(shape) or any(a > b for a, b in zip(v.shape, shape)):
-        raise ValueError(f"saved {name} has shape {tuple(v.shape)}, which cannot grow into {tuple(shape)}")
-    out = v.new_zeros(shape)
-    out[tuple(slice(0, n) for n in v.shape)] = v
-    if not name.startswith("optimiser"):
-        widened.add(name)
-    return out
 
 
 def _rmtree(path: Path) -> None:

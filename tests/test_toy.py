@@ -240,20 +240,6 @@ def test_train_script_is_reproducible_with_and_without_data_workers(tmp_path: Pa
     pipe = ToyVideoPipeline.from_pretrained(tmp_path / "model1")
     assert pipe.transformer.config.num_layers == 1
 
-    # Resuming with coordinate channels added: the saved 3-channel state grows into the 6-channel model.
-    config["model"] = {**TINY, "coordinates": True}
-    config["budgets"]["tiny"]["phases"][0]["steps"] = 4
-    (tmp_path / "coord.json").write_text(json.dumps(config))
-    cmd = [sys.executable, str(root / "scripts" / "train_toy.py"), "--config", str(tmp_path / "coord.json"),
-           "--budget", "tiny", "--device", "cpu", "--resume", "--out", str(tmp_path / "coord"),
-           "--state-dir", str(tmp_path / "state0")]  # fmt: skip
-    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    log = json.loads((tmp_path / "coord" / "train_log.json").read_text())
-    assert log["steps_done"] == 4 and log["losses"][:3] == logs[0]["losses"]
-    assert any("coordinate input channels" in event for event in log["history"])
-    assert ToyVideoPipeline.from_pretrained(tmp_path / "coord").transformer.config.in_channels == 6
-
 
 def test_word_influence_is_zero_for_a_word_the_model_cannot_see() -> None:
     from dit_accel.toy.probe import WORD_CLASSES, word_influence
@@ -270,29 +256,3 @@ def test_word_influence_is_zero_for_a_word_the_model_cannot_see() -> None:
         assert list(per_class) == list(WORD_CLASSES)
         assert per_class["direction"] == 0.0
         assert per_class["colour"] > 0 and per_class["background"] > 0
-
-
-def test_coordinate_channels_reach_the_transformer_and_the_pipeline_renders(tmp_path: Path) -> None:
-    from dit_accel.toy.model import coordinate_planes, transformer_input
-
-    x = torch.zeros(2, 3, 3, 4, 5)
-    planes = coordinate_planes(x)
-    assert planes.shape == (2, 3, 3, 4, 5)
-    torch.testing.assert_close(planes[0, :, 0, 0, 0], torch.tensor([-1.0, -1.0, -1.0]))
-    torch.testing.assert_close(planes[1, :, -1, -1, -1], torch.tensor([1.0, 1.0, 1.0]))
-    torch.testing.assert_close(planes[0, 2, 1, 2], torch.linspace(-1, 1, 5))  # columns, left to right
-
-    torch.manual_seed(0)
-    tf = build_transformer({**TINY, "coordinates": True})
-    assert (tf.config.in_channels, tf.config.out_channels) == (6, 3)
-    assert transformer_input(tf, x).shape == (2, 6, 3, 4, 5)
-    with pytest.raises(ValueError, match="allowed: 3 or 6"):
-        transformer_input(tf, torch.zeros(1, 4, 3, 4, 5))
-    pipe = ToyVideoPipeline(transformer=tf, text_encoder=build_text_encoder(TINY), scheduler=build_scheduler(TINY))
-    pipe.set_progress_bar_config(disable=True)
-    frames = pipe("a red circle moves left over a plain background", num_frames=4, height=16, width=16,
-                  num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
-    assert frames.shape == (1, 4, 16, 16, 3) and np.isfinite(frames).all()
-    pipe.save_pretrained(tmp_path / "coord")
-    again = ToyVideoPipeline.from_pretrained(tmp_path / "coord")
-    assert again.transformer.config.in_channels == 6

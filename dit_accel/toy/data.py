@@ -279,9 +279,10 @@ _SHAPE_ID = {name: i for i, name in enumerate(SHAPES)}
 _BACKGROUND_ID = {name: i for i, name in enumerate(BACKGROUNDS)}
 
 
-def _scene_params(scenes: Sequence[SceneSpec]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per-scene background and per-(scene, frame, object) state as float64 tables; the float32 cast happens once,
-    where numpy would cast a Python scalar meeting a float32 array, so the drawing matches the per-frame form."""
+def _scene_params(scenes: Sequence[SceneSpec]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-scene background and per-(scene, frame, object) state as float64 tables, cast to float32 once on the
+    device. Background ``p``: gradient (dx, dy, half extent), striped (vertical, half period, 1), checkered (0, cell,
+    1), plain (0, 1, 1); object slots a scene does not use have ``on`` = 0."""
     b, f = len(scenes), scenes[0].frames
     n_obj = max(len(s.objects) for s in scenes)
     bg = {k: np.zeros((b,) + shape) for k, shape in (("kind", ()), ("c0", (3,)), ("c1", (3,)), ("p", (3,)))}

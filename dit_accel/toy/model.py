@@ -24,38 +24,7 @@ DEFAULT_MODEL: dict[str, Any] = {
     "text_ffn_dim": 128,
     "max_length": 24,
     "flow_shift": 3.0,
-    "coordinates": False,
 }
-COORD_CHANNELS = 3  # frame, row, column
-
-
-def coordinate_planes(x: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, F, H, W)``: each pixel's frame, row and column, each spread evenly over [-1, 1].
-
-    Wan's 3D RoPE is relative, so the transformer alone cannot tell the first frame from the last or the left edge
-    from the right one; a prompt's motion ("moves left") is a statement about exactly that. Fed as extra input
-    channels (like the condition channels of Wan's image-to-video model), they let the model place and move things
-    in absolute terms; attention itself is unchanged."""
-    b, _, f, h, w = x.shape
-
-    def axis(n: int) -> torch.Tensor:
-        return torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) if n > 1 else x.new_zeros(1)
-
-    grids = torch.meshgrid(axis(f), axis(h), axis(w), indexing="ij")
-    return torch.stack(grids).unsqueeze(0).expand(b, -1, -1, -1, -1)
-
-
-def transformer_input(transformer: WanTransformer3DModel, x: torch.Tensor) -> torch.Tensor:
-    """The pixels ``x`` plus the coordinate planes when the transformer was built to take them."""
-    extra = transformer.config.in_channels - x.shape[1]
-    if extra == 0:
-        return x
-    if extra == COORD_CHANNELS:
-        return torch.cat([x, coordinate_planes(x)], dim=1)
-    raise ValueError(
-        f"x has {x.shape[1]} channels but the transformer takes {transformer.config.in_channels}; allowed: "
-        f"{transformer.config.out_channels} or {transformer.config.out_channels + COORD_CHANNELS} (with coordinates)"
-    )
 
 
 def build_transformer(cfg: dict[str, Any]) -> WanTransformer3DModel:
@@ -64,7 +33,7 @@ def build_transformer(cfg: dict[str, Any]) -> WanTransformer3DModel:
         patch_size=tuple(cfg["patch_size"]),
         num_attention_heads=cfg["heads"],
         attention_head_dim=cfg["dim"] // cfg["heads"],
-        in_channels=3 + (COORD_CHANNELS if cfg.get("coordinates", False) else 0),
+        in_channels=3,
         out_channels=3,
         text_dim=cfg["text_dim"],
         freq_dim=cfg["freq_dim"],
@@ -119,5 +88,5 @@ def flow_matching_loss(
     s = sigma.view(b, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     emb = text_encoder.encode(prompts)
-    pred = transformer(transformer_input(transformer, xt), sigma * 1000.0, emb, return_dict=False)[0]
+    pred = transformer(xt, sigma * 1000.0, emb, return_dict=False)[0]
     return F.mse_loss(pred.float(), (noise - x0).float())

@@ -17,7 +17,6 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTra
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .model import transformer_input
 from .text import ToyTextEncoder
 
 
@@ -175,7 +174,7 @@ class ToyVideoPipeline(DiffusionPipeline):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                model_input = transformer_input(self.transformer, latents.to(dtype))
+                model_input = latents.to(dtype)
                 timestep = t.expand(latents.shape[0])
                 ctx = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
                 with self.transformer.cache_context("cond", **ctx):

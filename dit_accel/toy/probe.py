@@ -17,7 +17,6 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from .data import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
-from .model import transformer_input
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -139,8 +138,7 @@ def word_influence(
             param = next(transformer.parameters())
             noise = noise.to(param.device, param.dtype)
             t = torch.full((len(prompts),), sigma * 1000.0, device=param.device)
-            x = transformer_input(transformer, noise)
-            v = transformer(x, t, text_encoder.encode(prompts).to(param.dtype), return_dict=False)[0]
+            v = transformer(noise, t, text_encoder.encode(prompts).to(param.dtype), return_dict=False)[0]
             x0 = (noise - sigma * v).float()
             for i, name in enumerate(WORD_CLASSES):
                 sums[name] += float((x0[i + 1] - x0[0]).abs().mean())
