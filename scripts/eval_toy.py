@@ -410,14 +410,33 @@ def _status(ev: dict[str, Any], log: dict[str, Any]) -> str:
         f"- Temporal coherence: renders change {ratio:.1f}x as much from frame to frame as the data "
         f"({'coherent' if ratio < 2 else 'flicker: not yet coherent'})."
     )
+    inf = ev.get("word_influence", {}).get("sigma_0.9")
+    if inf:
+        lines.append(
+            "- What is missing: swapping the direction word changes the predicted clean video by "
+            f"{inf['direction']:.4f} on average at sigma 0.9, against {inf['colour']:.4f} for the colour word and "
+            f"{inf['shape']:.4f} for the shape word: the model paints what a prompt says about appearance but barely "
+            "reads what it says about structure and motion."
+        )
+    gpu = log["config"]["budgets"].get("gpu", {}).get("phases", [])
     lines.append(
-        f"- Likely cause: {log['steps_done']} steps ({log['train_seconds'] / 60:.0f} min) on one CPU thread shared "
-        "with other jobs; the loss was still falling. A 2-minute slice of the `gpu` budget on an H200 was too short "
-        "(docs/toy_model.md); the whole budget (30,000 steps, larger batches) needs about half an hour of one."
+        f"- Likely cause: too little training: {log['steps_done']:,} steps ({log['train_seconds'] / 60:.0f} min) on "
+        f"one shared CPU thread, {_clips(log['phases'], log['steps_done']):,} clips; the `gpu` budget draws "
+        f"{_clips(gpu, sum(p['steps'] for p in gpu)):,}. A 2-minute slice of it on an H200 was too short "
+        "(docs/toy_model.md)."
     )
     for event in log.get("history", []):
         lines.append(f"- Run history: {event}")
     return "\n".join(lines)
+
+
+def _clips(phases: list[dict[str, Any]], steps: int) -> int:
+    """Training clips drawn in the first ``steps`` steps of a curriculum."""
+    total = 0
+    for ph in phases:
+        n = min(ph["steps"], max(steps, 0))
+        total, steps = total + n * ph["batch"], steps - n
+    return total
 
 
 def _influence_section(ev: dict[str, Any]) -> str:
