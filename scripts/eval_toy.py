@@ -455,8 +455,7 @@ A word near 0 is ignored.
 
 | sigma | {head} |
 |---|{"---|" * len(WORD_CLASSES)}
-{rows}
-"""
+{rows}"""
 
 
 def _count_params(model: Path) -> str:
