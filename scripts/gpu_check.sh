@@ -8,7 +8,7 @@
 # Steps: tests (GPU-only kernel tests), kernels (bench_kernels.py), e2e (Wan2.1-1.3B 480p), e2e14b (Wan2.1-14B
 # 720p, default preset), e2ecompile (Wan2.1-1.3B with compiled blocks, dense and accelerated alike), freeswim
 # (bench_freeswim.py, attention only, with FlexAttention), interp (the interpreter kernel tests, compiled this
-# time), toy (toy-model training on the GPU for TOY_SECONDS).
+# time), toy (toy-model training on the GPU for TOY_SECONDS; a whole call: TOY_SECONDS=420 DEADLINE=590 ... toy).
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site first); the lent H200
 # has torch and Triton but not diffusers:  pip download --no-deps --only-binary=:all: --python-version 3.12
 # --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1  (then carry ".whl"; .git/info/exclude ignores it).
@@ -62,7 +62,7 @@ for s in "${STEPS[@]}"; do
       --warmup-steps 1 --no-profile --methods "${E2E14_METHODS:-rettention}" --out "$LOGS/bench_e2e14b.json" ;;
     freeswim) step freeswim 240 "$PY" scripts/bench_freeswim.py --attention-only --flex --out "$LOGS/bench_freeswim.json" ;;
     interp) step interp 150 "$PY" -m pytest tests/kernels -q -rs --ignore=tests/kernels/test_gpu_kernels.py ;;
-    toy) step toy $((${TOY_SECONDS:-150} + 60)) "$PY" scripts/train_toy.py --device cuda --budget gpu \
+    toy) step toy $((${TOY_SECONDS:-150} * 115 / 100 + 90)) "$PY" scripts/train_toy.py --device cuda --budget gpu \
       --seconds "${TOY_SECONDS:-150}" --out "$LOGS/toy-wan" --state-dir "$LOGS/toy-state" ;;
     *) echo "unknown step $s" | tee -a "$LOGS/status.txt" ;;
   esac
