@@ -256,3 +256,17 @@ def test_word_influence_is_zero_for_a_word_the_model_cannot_see() -> None:
         assert list(per_class) == list(WORD_CLASSES)
         assert per_class["direction"] == 0.0
         assert per_class["colour"] > 0 and per_class["background"] > 0
+
+
+def test_prompt_dropout_equals_training_on_the_empty_prompt() -> None:
+    """CFG dropout zeroes the dropped rows' embeddings on the device; that must equal encoding "" for those rows."""
+    torch.manual_seed(0)
+    tf, te = build_transformer(TINY), build_text_encoder(TINY)
+    x0, prompts = make_batch(1, 0, 6, 4, 16, 16)
+    keep = torch.rand(6, generator=torch.Generator().manual_seed(5)) >= 0.5  # the draw the loss makes first
+    assert 0 < int(keep.sum()) < 6
+    emptied = [p if k else "" for p, k in zip(prompts, keep.tolist())]
+    with torch.no_grad():
+        dropped = flow_matching_loss(tf, te, x0, prompts, 3.0, torch.Generator().manual_seed(5), cond_drop=0.5)
+        by_hand = flow_matching_loss(tf, te, x0, emptied, 3.0, torch.Generator().manual_seed(5), cond_drop=0.5)
+    torch.testing.assert_close(dropped, by_hand, rtol=0, atol=0)

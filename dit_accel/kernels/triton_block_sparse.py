@@ -949,15 +949,20 @@ def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _check_inputs(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int) -> None:
+    """Shapes (as the reference checks them) and dtypes the kernels take; host-side only."""
+    reference._check_block_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q.dtype={q.dtype} is not supported; allowed: float16, bfloat16, float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
 class _Prepared:
     """Validated, kernel-ready views of one attention call's inputs."""
 
     def __init__(self, q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, scale: float | None):
-        reference._check_block_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"q.dtype={q.dtype} is not supported; allowed: float16, bfloat16, float32")
-        if k.dtype != q.dtype or v.dtype != q.dtype:
-            raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)
         self.q, self.k, self.v = _last_contig(q), _last_contig(k), _last_contig(v)
         self.b, self.h, self.n, self.d = q.shape
         self.dv = v.shape[-1]
@@ -1071,13 +1076,14 @@ def block_sparse_attention_pair(
     The pair kernel's sparse softmax uses the full row max as its reference, so it is exact unless the selected
     blocks' best score lies more than about 87 nats below the row's overall best (then the sparse sums underflow).
     """
-    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale)
+    _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)  # before cuDNN: a bad call must not switch it off
     dense = dense_lse.dense_with_lse(q, k, v, scale) if q.dtype in (torch.float16, torch.bfloat16) else None
     if dense is not None:
         o_sparse, lse_sparse = block_sparse_attention(
             q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale
         )
         return o_sparse, lse_sparse, dense[0], dense[1]
+    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale)
     o_s = torch.empty(p.b, p.h, p.n, p.dv, device=q.device, dtype=q.dtype)
     o_f = torch.empty_like(o_s)
     lse_s = torch.empty(p.b, p.h, p.n, device=q.device, dtype=torch.float32)

@@ -275,6 +275,14 @@ def _stable_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor moved to ``device`` without making the host wait: a pageable host-to-GPU copy waits for all
+    work queued on the stream, so on CUDA the tensor is pinned and copied non-blocking."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 _SHAPE_ID = {name: i for i, name in enumerate(SHAPES)}
 _BACKGROUND_ID = {name: i for i, name in enumerate(BACKGROUNDS)}
 
@@ -359,30 +367,32 @@ def render_batch(scenes: Sequence[SceneSpec], device: torch.device | str = "cpu"
         raise ValueError("render_batch: scenes is empty")
     bg, ob = _scene_params(scenes)
     h, w = scenes[0].height, scenes[0].width
-
-    def t32(a: np.ndarray, *trail: int) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=torch.float32, device=device).reshape(*a.shape[:2], *trail)
+    b, f, n_obj = ob["x"].shape
+    # All tables travel in one copy (pinned and non-blocking on CUDA) and become float32 on the device.
+    tables = {**{"bg_" + k: v for k, v in bg.items()}, **{"ob_" + k: v for k, v in ob.items()}}
+    flat = to_device(torch.from_numpy(np.concatenate([v.ravel() for v in tables.values()])), device).float()
+    t, offset = {}, 0
+    for name, v in tables.items():
+        t[name], offset = flat[offset : offset + v.size].view(v.shape), offset + v.size
 
     ys, xs = torch.meshgrid(
         torch.arange(h, dtype=torch.float32, device=device) + 0.5,
         torch.arange(w, dtype=torch.float32, device=device) + 0.5,
         indexing="ij",
     )
-    b, f = bg["cam"].shape[:2]
-    cam = torch.as_tensor(bg["cam"], dtype=torch.float32, device=device)
+    cam = t["bg_cam"]
     wx, wy = xs + cam[..., 0, None, None], ys + cam[..., 1, None, None]  # (B, F, H, W) world coordinates
-    p = torch.as_tensor(bg["p"], dtype=torch.float32, device=device).T.reshape(3, b, 1, 1, 1)
-    kind = torch.as_tensor(bg["kind"], device=device).reshape(b, 1, 1, 1)
-    weight = _background(kind, p, wx, wy, h, w)[..., None]
-    c0 = torch.as_tensor(bg["c0"], dtype=torch.float32, device=device).reshape(b, 1, 1, 1, 3)
-    c1 = torch.as_tensor(bg["c1"], dtype=torch.float32, device=device).reshape(b, 1, 1, 1, 3)
+    p = t["bg_p"].T.reshape(3, b, 1, 1, 1)
+    weight = _background(t["bg_kind"].reshape(b, 1, 1, 1), p, wx, wy, h, w)[..., None]
+    c0, c1 = (t[k].reshape(b, 1, 1, 1, 3) for k in ("bg_c0", "bg_c1"))
     frame = (1 - weight) * c0 + weight * c1
-    for j in range(ob["x"].shape[2]):  # back to front
-        col = {k: torch.as_tensor(v[:, :, j], device=device) for k, v in ob.items()}
-        x, y, r, cos, sin = (col[k].to(torch.float32)[..., None, None] for k in ("x", "y", "r", "cos", "sin"))
-        sdf = _shape_sdf(col["shape"][..., None, None], xs - x, ys - y, r, cos, sin)
-        alpha = (torch.clamp(0.5 - sdf, 0.0, 1.0) * col["on"].to(torch.float32)[..., None, None])[..., None]
-        frame = frame * (1 - alpha) + alpha * col["color"].to(torch.float32)[:, :, None, None, :]
+    for j in range(n_obj):  # back to front
+        x, y, r, cos, sin, shape, on = (
+            t["ob_" + k][:, :, j, None, None] for k in ("x", "y", "r", "cos", "sin", "shape", "on")
+        )
+        sdf = _shape_sdf(shape, xs - x, ys - y, r, cos, sin)
+        alpha = (torch.clamp(0.5 - sdf, 0.0, 1.0) * on)[..., None]
+        frame = frame * (1 - alpha) + alpha * t["ob_color"][:, :, j, None, None, :]
     return frame
 
 

@@ -79,14 +79,15 @@ def flow_matching_loss(
 ) -> torch.Tensor:
     """Rectified flow: x_t = (1 - s) x0 + s eps, predict v = eps - x0 (Wan's parametrisation), timestep = 1000 s."""
     b = x0.shape[0]
-    if cond_drop > 0:
-        drop = torch.rand(b, generator=generator, device=generator.device) < cond_drop
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+    # Dropped prompts (for CFG) become the empty prompt's embedding, all zeros, on the device: no host read.
+    keep = torch.rand(b, generator=generator, device=generator.device) >= cond_drop if cond_drop > 0 else None
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)  # on the GPU if it is
     sigma = sample_sigmas(b, shift, generator).to(device)
     x0 = x0.to(device)
     s = sigma.view(b, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     emb = text_encoder.encode(prompts)
+    if keep is not None:
+        emb = torch.where(keep.to(emb.device)[:, None, None], emb, torch.zeros_like(emb))
     pred = transformer(xt, sigma * 1000.0, emb, return_dict=False)[0]
     return F.mse_loss(pred.float(), (noise - x0).float())

@@ -125,6 +125,7 @@ def word_influence(
     A word the model ignores scores about 0; it is the earliest sign of whether training has picked a word up."""
     out: dict[str, dict[str, float]] = {}
     frames, height, width = size
+    param = next(transformer.parameters())
     for sigma in sigmas:
         sums = dict.fromkeys(WORD_CLASSES, 0.0)
         for n, words in enumerate(scenes):
@@ -135,7 +136,6 @@ def word_influence(
                 prompts.append(_scene_prompt(*swapped))
             gen = torch.Generator().manual_seed(seed + n)
             noise = torch.randn(1, 3, frames, height, width, generator=gen).expand(len(prompts), -1, -1, -1, -1)
-            param = next(transformer.parameters())
             noise = noise.to(param.device, param.dtype)
             t = torch.full((len(prompts),), sigma * 1000.0, device=param.device)
             v = transformer(noise, t, text_encoder.encode(prompts).to(param.dtype), return_dict=False)[0]

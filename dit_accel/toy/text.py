@@ -14,7 +14,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .data import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
+from .data import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, to_device
 
 PAD, UNK = "<pad>", "<unk>"
 _WORDS = (
@@ -71,4 +71,4 @@ class ToyTextEncoder(ModelMixin, ConfigMixin):
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Prompts to embeddings on this module's device and dtype."""
         ids, mask = self.tokenize(prompts)
-        return self(ids.to(self.device), mask.to(self.device))
+        return self(to_device(ids, self.device), to_device(mask, self.device))
