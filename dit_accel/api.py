@@ -128,6 +128,12 @@ def accelerate(
     for transformer in transformers.values():  # before installing anything: refuse ring/unified CP early
         check_context_parallel(transformer)
     scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None and cfg.num_steps is None and isinstance(cfg.dense_steps, float) and cfg.dense_steps > 0:
+        raise ValueError(
+            f"dense_steps={cfg.dense_steps!r} is a fraction of the denoising steps, but {type(pipe).__name__} has no "
+            "scheduler to count them, so every call would stay dense: pass num_steps=N (the steps you will run) or "
+            "an int dense_steps"
+        )
     accelerators: dict[str, Accelerator] = {}
     for name, transformer in transformers.items():
         previous = getattr(transformer, _ATTR, None)

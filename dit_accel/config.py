@@ -45,8 +45,50 @@ def parse_layers(value: str | list[int] | tuple[int, ...] | None, name: str = "d
 
 
 @dataclass(frozen=True)
-class AccelConfig:
-    """Every option of every method. Presets in :data:`PRESETS` fill the defaults per method.
+class _ConfigFields:
+    """Every option of every method (the fields of :class:`AccelConfig`, which documents them)."""
+
+    method: str = "rettention"
+    sparsity: float = 0.75
+    block_m: int = 64
+    block_n: int = 64
+    min_tokens: int = 1024
+    dense_steps: int | float = 0
+    dense_layers: tuple[int, ...] = field(default_factory=tuple)
+    num_steps: int | None = None
+    smooth_k: bool = True
+    sink_blocks: int = 0
+    dense_backend: str = "sdpa"
+    pattern: str = "topk"
+    tiled: bool = False
+    compensation: str = "none"
+    tau: float = 0.9
+    threshold_scope: str = "row"
+    tile: tuple[int, int, int] | None = None
+    window: tuple[int, int, int] | None = None
+    raster_fraction: float | None = None
+    vmoba_chunks: tuple[tuple[int, ...], ...] = ((7,), (6, 4), (3, 6, 4))
+    vmoba_select: str = "topk"
+    vmoba_topk: tuple[int, int, int] | None = None
+    ramp: float = 0.0
+    rho_clamp: bool = True
+    feature_map: str = "softmax"
+    negligible: float = 0.0
+    linear_weight: str = "mass"
+    refresh_every: int = 0
+    reuse_pattern_every: int = 1
+    refresh_drift: float = 0.0
+    cache_dtype: str = "auto"
+    cache_offload: bool = False
+    cache_budget_mb: float | None = None
+
+
+class AccelConfig(_ConfigFields):
+    """Every option of every method: the preset of ``method`` (:data:`PRESETS`) plus the fields given.
+
+    ``AccelConfig(sparsity=0.9)`` is the default method's preset with ``sparsity=0.9``; a field left out takes
+    the preset's value, so a base config passed to ``accelerate(pipe, method, config=...)`` overrides only the
+    fields it was built with (:attr:`explicit_fields`).
 
     Attributes:
         method: a name from :data:`METHODS`.
@@ -104,39 +146,23 @@ class AccelConfig:
             exceed this many MiB; None means no limit.
     """
 
-    method: str = "blocktopk"
-    sparsity: float = 0.75
-    block_m: int = 64
-    block_n: int = 64
-    min_tokens: int = 1024
-    dense_steps: int | float = 0
-    dense_layers: tuple[int, ...] = field(default_factory=tuple)
-    num_steps: int | None = None
-    smooth_k: bool = True
-    sink_blocks: int = 0
-    dense_backend: str = "sdpa"
-    pattern: str = "topk"
-    tiled: bool = False
-    compensation: str = "none"
-    tau: float = 0.9
-    threshold_scope: str = "row"
-    tile: tuple[int, int, int] | None = None
-    window: tuple[int, int, int] | None = None
-    raster_fraction: float | None = None
-    vmoba_chunks: tuple[tuple[int, ...], ...] = ((7,), (6, 4), (3, 6, 4))
-    vmoba_select: str = "topk"
-    vmoba_topk: tuple[int, int, int] | None = None
-    ramp: float = 0.0
-    rho_clamp: bool = True
-    feature_map: str = "softmax"
-    negligible: float = 0.0
-    linear_weight: str = "mass"
-    refresh_every: int = 0
-    reuse_pattern_every: int = 1
-    refresh_drift: float = 0.0
-    cache_dtype: str = "auto"
-    cache_offload: bool = False
-    cache_budget_mb: float | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = [f.name for f in dataclasses.fields(_ConfigFields)]
+        if len(args) > len(names):
+            raise TypeError(f"AccelConfig takes at most {len(names)} positional arguments")
+        explicit = frozenset(names[: len(args)]) | frozenset(kwargs)
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "_explicit", explicit)
+        preset = PRESETS.get(self.method, {})
+        for name, value in preset.items():
+            if name not in explicit:
+                object.__setattr__(self, name, value)
+        self.__post_init__()
+
+    @property
+    def explicit_fields(self) -> frozenset[str]:
+        """The fields this config was built with (the others come from the preset of ``method``)."""
+        return self._explicit  # type: ignore[attr-defined]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dense_layers", parse_layers(self.dense_layers))
@@ -229,7 +255,10 @@ class AccelConfig:
         return int(self.dense_steps)
 
     def replace(self, **changes: Any) -> AccelConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; fields not set before still count as unset (see :attr:`explicit_fields`)."""
+        values = {name: getattr(self, name) for name in self.explicit_fields}
+        values.update(changes)
+        return AccelConfig(**values)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -304,7 +333,7 @@ def resolve_config(method: str | None = None, config: AccelConfig | None = None,
     if config is not None and config.method == method:
         return config.replace(**options)
     values = dict(PRESETS[method])
-    if config is not None:
-        values.update({k: v for k, v in config.to_dict().items() if k != "method"})
+    if config is not None:  # a base config of another method overrides only the fields it was built with
+        values.update({name: getattr(config, name) for name in config.explicit_fields if name != "method"})
     values.update(options)
     return AccelConfig(method=method, **values)

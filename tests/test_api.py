@@ -63,3 +63,30 @@ def test_stats_shape():
     assert stats["kernel_backend"] == "reference" and stats["families"] == {"transformer": "wan"}
     for entry in [stats["overall"], *stats["sites"].values()]:
         assert set(entry) >= {"dense_calls", "sparse_calls", "dense_reasons", "block_density", "cache_bytes"}
+
+
+def test_base_config_of_another_method_overrides_only_what_it_sets():
+    # bug: the base config's defaults (pattern/compensation of blocktopk) replaced rettention's preset
+    handle = dit_accel.accelerate(tiny_pipeline("wan")[0], "rettention", config=dit_accel.AccelConfig(sparsity=0.9))
+    cfg = handle.config
+    handle.remove()
+    preset = dit_accel.PRESETS["rettention"]
+    assert cfg.method == "rettention" and cfg.sparsity == 0.9
+    assert (cfg.compensation, cfg.refresh_every, cfg.dense_steps) == (
+        preset["compensation"],
+        preset["refresh_every"],
+        preset["dense_steps"],
+    )
+    assert dit_accel.AccelConfig().method == dit_accel.DEFAULT_METHOD
+    assert dit_accel.AccelConfig().compensation == dit_accel.PRESETS[dit_accel.DEFAULT_METHOD]["compensation"]
+    explicit = dit_accel.AccelConfig(method="rettention", compensation="none")
+    assert explicit.compensation == "none"  # a field given explicitly wins over the preset, even a default value
+    assert explicit.replace(sparsity=0.5).compensation == "none"
+
+
+def test_bare_transformer_with_fractional_dense_steps_needs_num_steps():
+    pipe, _ = tiny_pipeline("wan")
+    with pytest.raises(ValueError, match="num_steps"):
+        dit_accel.accelerate(pipe.transformer)  # the default preset's 10 % dense steps cannot be counted
+    assert not hasattr(pipe.transformer, "_dit_accel_accelerator")
+    dit_accel.accelerate(pipe.transformer, dense_steps=1).remove()  # an int count needs no step total
