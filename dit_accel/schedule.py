@@ -28,12 +28,18 @@ def needs_statistics(config: AccelConfig) -> bool:
     return config.compensation == "linear" and config.linear_weight == "mass" and config.refresh_every > 0
 
 
-def needs_refresh(config: AccelConfig, cache: dict[str, Any], step: int) -> bool:
-    """Whether this call must run a full-attention refresh before (or instead of) sparse attention."""
+def needs_refresh(config: AccelConfig, cache: dict[str, Any], step: int, shape: Any = None) -> bool:
+    """Whether this call must run a full-attention refresh before (or instead of) sparse attention.
+
+    ``shape`` is the (tokens, batch, heads) key of this call: statistics (rho, R, alpha) computed for another
+    shape belong to other tokens, so a change forces a refresh.
+    """
     last = cache.get("refresh_step")
     if last is None:
         return needs_statistics(config) or config.refresh_every > 0
     if step < last:  # the step counter went back: stale statistics
+        return True
+    if needs_statistics(config) and cache.get("refresh_shape") != shape:
         return True
     return config.refresh_every > 0 and step - last >= config.refresh_every
 

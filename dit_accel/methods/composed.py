@@ -122,8 +122,9 @@ class ComposedMethod(Method):
         q, k, v = call.q, call.k, call.v
         if plan.perm is not None:
             q, k, v = (kernels.permute_tokens(x, plan.perm) for x in (q, k, v))
-        refresh = needs_refresh(cfg, cache, step)
-        built = pattern_is_stale(cfg, cache, step, refresh, (plan.n, *q.shape[:2]))
+        shape = (plan.n, *q.shape[:2])
+        refresh = needs_refresh(cfg, cache, step, shape)
+        built = pattern_is_stale(cfg, cache, step, refresh, shape)
         if built:
             self._store_pattern(call, plan, q, k)
         if refresh:
@@ -148,6 +149,7 @@ class ComposedMethod(Method):
         cfg, cache = self.config, call.cache
         b, h = q.shape[:2]
         cache["refresh_step"] = call.state.step
+        cache["refresh_shape"] = (q.shape[2], b, h)
         cache["sparse_since_refresh"] = 0
         if not needs_statistics(cfg) and cfg.refresh_drift <= 0:
             out, _ = kernels.dense_attention(q, k, v, scale=call.scale)

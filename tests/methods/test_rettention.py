@@ -98,3 +98,19 @@ def test_refresh_schedule_and_adaptive_refresh(rng):
     assert [r.kind for r in results] == ["refresh"] * 4 and all(r.adaptive for r in results[1:])
     _, _, _, results, _ = _steps(rng, refresh_every=50, refresh_drift=1e3, window=(1, 1, 2), tile=(1, 8, 8))
     assert [r.kind for r in results] == ["refresh", "sparse", "sparse", "sparse"]
+
+
+def test_statistics_of_another_shape_force_a_refresh(rng):
+    # bug: rho and R of a batch-1 refresh were broadcast onto a batch-2 call of the same branch
+    config = resolve_config("rettention", refresh_every=50, min_tokens=0)
+    method = build_method(config)
+    cache: dict = {}
+    q, k, v = qkv(rng, 1, 2, 256)
+    assert method.attend(make_call(q, k, v, config, step=1, cache=cache)).kind == "refresh"
+    q2, k2, v2 = qkv(rng, 2, 2, 256)
+    result = method.attend(make_call(q2, k2, v2, config, step=2, cache=cache))
+    assert result.kind == "refresh"
+    torch.testing.assert_close(result.out.double(), brute_attention(q2, k2, v2)[0], atol=1e-4, rtol=1e-4)
+    q3, k3, v3 = qkv(rng, 2, 2, 192)  # another token count at the same batch
+    assert method.attend(make_call(q3, k3, v3, config, step=3, cache=cache)).kind == "refresh"
+    assert method.attend(make_call(q3, k3, v3, config, step=4, cache=cache)).kind == "sparse"
