@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from typing import Any
 
 import torch
@@ -66,6 +67,7 @@ class AccelHandle:
             "families": families,
             "kernel_backend": backend_for(param.device if param is not None else "cpu"),
             "overall": overall.as_dict(cache_total),
+            "steps_backwards": sum(acc.tracker.steps_backwards for acc in self._accelerators.values()),
             "sites": sites,
             "context_parallel": describe(device),  # None single-process; else stats are this rank's heads
         }
@@ -99,6 +101,15 @@ def _find_transformers(pipe: Any) -> dict[str, torch.nn.Module]:
     }
 
 
+def _scheduler_source(pipe: Any) -> Any:
+    """A callable returning the scheduler ``pipe`` holds now (a weak reference: the hooks do not keep it alive)."""
+    try:
+        ref = weakref.ref(pipe)
+    except TypeError:
+        return lambda: getattr(pipe, "scheduler", None)
+    return lambda: getattr(ref(), "scheduler", None)
+
+
 def accelerate(
     pipe: Any, method: str | None = None, *, config: AccelConfig | None = None, **options: Any
 ) -> AccelHandle:
@@ -128,6 +139,8 @@ def accelerate(
     for transformer in transformers.values():  # before installing anything: refuse ring/unified CP early
         check_context_parallel(transformer)
     scheduler = getattr(pipe, "scheduler", None)
+    # the scheduler is read from the pipeline at every forward: `pipe.scheduler = X.from_config(...)` is common
+    scheduler_source = _scheduler_source(pipe) if scheduler is not None else None
     if scheduler is None and cfg.num_steps is None and isinstance(cfg.dense_steps, float) and cfg.dense_steps > 0:
         raise ValueError(
             f"dense_steps={cfg.dense_steps!r} is a fraction of the denoising steps, but {type(pipe).__name__} has no "
@@ -139,7 +152,7 @@ def accelerate(
         previous = getattr(transformer, _ATTR, None)
         if previous is not None:
             previous.remove()
-        acc = Accelerator(transformer, find_family(transformer), cfg, scheduler=scheduler)
+        acc = Accelerator(transformer, find_family(transformer), cfg, scheduler=scheduler_source)
         try:
             acc.install()
         except Exception:

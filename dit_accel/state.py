@@ -8,6 +8,7 @@ carries one, otherwise from matching the ``timestep`` argument against the sched
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,13 @@ class DenoiseState:
 
 @dataclass
 class StepTracker:
-    """Turns the signals of one forward (cache context, timestep) into a step index and a branch."""
+    """Turns the signals of one forward (cache context, timestep) into a step index and a branch.
+
+    ``scheduler`` is a scheduler or a callable returning the one in use now (the pipeline's, read at every
+    forward, so replacing ``pipe.scheduler`` after ``accelerate`` keeps the steps right).
+    ``steps_backwards`` counts forwards whose step went below the previous one without a new generation having
+    been started (a scheduler the tracker cannot follow); each starts a new generation, and the first warns.
+    """
 
     scheduler: Any = None
     num_steps_hint: int | None = None
@@ -42,6 +49,7 @@ class StepTracker:
     _calls_this_step: int = 0
     _last_step: int = -1
     _fresh: bool = True
+    steps_backwards: int = 0
 
     def new_generation(self) -> None:
         """Forget the step position; the next forward starts a new generation."""
@@ -71,6 +79,7 @@ class StepTracker:
             else:
                 step = self._last_step
         elif step < self._last_step:
+            self._went_backwards(step)
             self.new_generation()
         if num_steps is None:
             num_steps = self.num_steps_hint
@@ -92,8 +101,23 @@ class StepTracker:
     def end(self) -> None:
         self.state.active = False
 
+    def _went_backwards(self, step: int) -> None:
+        self.steps_backwards += 1
+        if self.steps_backwards == 1:
+            warnings.warn(
+                f"dit_accel: the denoising step went back from {self._last_step} to {step} within one generation; "
+                "caches were reset and the schedule restarted (counted as steps_backwards in stats()). Does the "
+                "pipeline call the transformer outside its scheduler's timesteps?",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _scheduler(self) -> Any:
+        source = self.scheduler
+        return source() if callable(source) and not hasattr(source, "timesteps") else source
+
     def _scheduler_timesteps(self) -> torch.Tensor | None:
-        timesteps = getattr(self.scheduler, "timesteps", None)
+        timesteps = getattr(self._scheduler(), "timesteps", None)
         if isinstance(timesteps, torch.Tensor) and timesteps.numel() > 0:
             return timesteps
         return None

@@ -90,3 +90,39 @@ def test_bare_transformer_with_fractional_dense_steps_needs_num_steps():
         dit_accel.accelerate(pipe.transformer)  # the default preset's 10 % dense steps cannot be counted
     assert not hasattr(pipe.transformer, "_dit_accel_accelerator")
     dit_accel.accelerate(pipe.transformer, dense_steps=1).remove()  # an int count needs no step total
+
+
+def test_scheduler_replaced_after_accelerate_is_followed():
+    # bug: steps were matched against the scheduler captured at accelerate(); after the common
+    # `pipe.scheduler = X.from_config(...)` tiny Flux (6 steps) ran 10 refresh calls and no sparse call
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    stats = []
+    for swap in (False, True):
+        pipe, kwargs = tiny_pipeline("flux")
+        kwargs = dict(kwargs, num_inference_steps=6)
+        handle = dit_accel.accelerate(pipe, "rettention", min_tokens=16, dense_steps=0)
+        if swap:
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=2.0)
+        pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+        stats.append(handle.stats())
+        handle.remove()
+    for s in stats:  # 6 steps x 2 sites, one pass per step: a refresh at steps 0 and 5, sparse in between
+        assert (s["overall"]["refresh_calls"], s["overall"]["sparse_calls"]) == (4, 8)
+        assert s["steps_backwards"] == 0
+
+
+def test_steps_going_backwards_are_counted_and_warned_once():
+    pipe, kwargs = tiny_pipeline("wan")
+    handle = dit_accel.accelerate(pipe, "blocktopk", min_tokens=64)
+    transformer = pipe.transformer
+    pipe.scheduler.set_timesteps(4)
+    hs, ehs = torch.randn(1, 16, 3, 32, 32), torch.randn(1, 16, 32)
+    ts = pipe.scheduler.timesteps
+    with pytest.warns(RuntimeWarning, match="went back") as record:
+        for t in (ts[2], ts[0], ts[3], ts[1]):  # no pipeline call around them: one generation
+            transformer(hidden_states=hs, timestep=t.reshape(1), encoder_hidden_states=ehs)
+    stats = handle.stats()
+    handle.remove()
+    assert stats["steps_backwards"] == 2
+    assert sum("went back" in str(w.message) for w in record) == 1
