@@ -347,6 +347,20 @@ def xformers_dense(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     return out.transpose(1, 2)
 
 
+def remove_hook(module: torch.nn.Module, name: str) -> None:
+    """Take hook ``name`` off ``module``, and the registry too when nothing else is left in it."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return
+    registry.remove_hook(name, recurse=False)
+    if registry.hooks:
+        return
+    del module._diffusers_hook
+    forward = module.__dict__.get("forward")  # the registry left the class's forward bound on the instance
+    if getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module:
+        del module.forward
+
+
 class Accelerator:
     """Everything installed on one transformer, and how to take it off again."""
 
@@ -381,9 +395,9 @@ class Accelerator:
         if not self._installed:
             return
         for site in self.sites:
-            HookRegistry.check_if_exists_or_initialize(site.module).remove_hook(SITE_HOOK, recurse=False)
+            remove_hook(site.module, SITE_HOOK)
             site.caches.clear()
-        HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(STATE_HOOK, recurse=False)
+        remove_hook(self.transformer, STATE_HOOK)
         self._installed = False
 
     @property

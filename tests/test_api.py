@@ -18,7 +18,10 @@ def test_accelerate_twice_replaces_the_old_installation():
     assert second.active
     second.remove()
     assert not hasattr(pipe.transformer, "_dit_accel_accelerator")
-    assert not pipe.transformer._diffusers_hook.hooks  # every hook taken off
+    # nothing left behind: no (empty) hook registry, no instance-level forward on any module
+    for name, module in pipe.transformer.named_modules():
+        assert not hasattr(module, "_diffusers_hook"), name
+        assert "forward" not in module.__dict__, name
 
 
 def test_bare_transformer_and_default_method():
@@ -126,3 +129,17 @@ def test_steps_going_backwards_are_counted_and_warned_once():
     handle.remove()
     assert stats["steps_backwards"] == 2
     assert sum("went back" in str(w.message) for w in record) == 1
+
+
+def test_refresh_without_statistics_takes_the_fast_dense_path(monkeypatch):
+    # bug: refresh calls of methods without statistics ran the float32 chunked reference, even on CUDA
+    from dit_accel import kernels
+
+    def slow(*args, **kwargs):
+        raise AssertionError("the chunked reference ran for a refresh that needs no statistics")
+
+    monkeypatch.setattr(kernels, "dense_attention", slow)
+    pipe, kwargs = tiny_pipeline("wan")
+    with dit_accel.accelerate(pipe, "blocktopk", min_tokens=64, refresh_every=2) as handle:
+        pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+        assert handle.stats()["overall"]["refresh_calls"] > 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .. import kernels
 from ..compensation import SLAProjections, combine_linear, reshape_output, reshape_statistics
@@ -151,9 +152,8 @@ class ComposedMethod(Method):
         cache["refresh_step"] = call.state.step
         cache["refresh_shape"] = (q.shape[2], b, h)
         cache["sparse_since_refresh"] = 0
-        if not needs_statistics(cfg) and cfg.refresh_drift <= 0:
-            out, _ = kernels.dense_attention(q, k, v, scale=call.scale)
-            return out
+        if not needs_statistics(cfg) and cfg.refresh_drift <= 0:  # no statistics: the fast dense path
+            return F.scaled_dot_product_attention(q, k, v, scale=call.scale)
         idx, counts = self._lut(cache, b, h)
         o_s, lse_s, o_f, lse_f = kernels.block_sparse_attention_pair(
             q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale

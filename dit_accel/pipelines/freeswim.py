@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..layout import TokenLayout
 from ..methods import ComposedMethod, Method, SiteCall
+from ..runtime import remove_hook
 from ..state import DenoiseState
 from .freeswim_window import WindowGeometry, freeswim_scale, window_geometry
 
@@ -337,7 +338,7 @@ class FreeSwimHooks:
     def remove(self) -> None:
         """Take every hook off and free the cache; the transformer computes exactly as before."""
         for module, name in reversed(self._installed):
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+            remove_hook(module, name)
         self._installed.clear()
         self.clear_cache()
         self.branch = Branch.OFF
