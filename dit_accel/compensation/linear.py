@@ -20,6 +20,7 @@ __all__ = [
     "combine_linear",
     "load_sla_weights",
     "lora_parameters",
+    "remove_lora",
     "save_sla_weights",
 ]
 
@@ -137,7 +138,8 @@ def save_sla_weights(handle: Any, path: str) -> None:
 def load_sla_weights(handle: Any, path: str) -> None:
     """Load :func:`save_sla_weights` output into an accelerated pipeline (adds LoRA adapters where saved).
 
-    LoRA adapters change the transformer's modules: ``handle.remove()`` does not take them off.
+    LoRA adapters change the transformer's modules, so ``handle.remove()`` does not take them off (it only
+    removes hooks): :func:`remove_lora` does.
     """
     from safetensors.torch import load_file
 
@@ -173,3 +175,18 @@ def load_sla_weights(handle: Any, path: str) -> None:
                     setattr(parent, child, module)
             module.down.weight.data.copy_(value)
             module.up.weight.data.copy_(tensors[f"{lora_prefix}{name}.up"])
+
+
+def remove_lora(transformer: torch.nn.Module) -> int:
+    """Put back the frozen Linear under every :class:`LoRALinear` in ``transformer`` (the undo of
+    :func:`add_lora` and of the adapters :func:`load_sla_weights` adds); returns how many were removed."""
+    count = 0
+    for parent in list(transformer.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                if isinstance(parent, torch.nn.ModuleList):
+                    parent[int(name)] = child.base
+                else:
+                    setattr(parent, name, child.base)
+                count += 1
+    return count

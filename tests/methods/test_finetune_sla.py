@@ -74,3 +74,25 @@ def test_untrained_projections_cost_nothing_at_inference():
     assert handle.stats()["overall"]["sparse_calls"] > 0
     assert len(method.projections.proj) == 0 and not method.projections.trained
     handle.remove()
+
+
+def test_remove_lora_restores_the_original_modules_and_output(rng):
+    from dit_accel.compensation import remove_lora
+    from dit_accel.compensation.linear import LoRALinear, add_lora
+
+    pipe, kwargs = tiny_pipeline("wan")
+    transformer = pipe.transformer
+    before = {name: module for name, module in transformer.named_modules()}
+    hs, ehs = torch.randn(1, 16, 3, 32, 32, generator=rng), torch.randn(1, 16, 32, generator=rng)
+    call = dict(hidden_states=hs, timestep=torch.tensor([500.0]), encoder_hidden_states=ehs)
+    with torch.no_grad():
+        reference = transformer(**call).sample
+        sites = [m for n, m in transformer.named_modules() if n.endswith("attn1")]
+        added = add_lora(transformer, sites, rank=2)
+        for module in transformer.modules():
+            if isinstance(module, LoRALinear):
+                torch.nn.init.normal_(module.up.weight)  # a trained adapter changes the output
+        assert not torch.equal(transformer(**call).sample, reference)
+        assert remove_lora(transformer) == added > 0
+        assert torch.equal(transformer(**call).sample, reference)
+    assert {name: module for name, module in transformer.named_modules()} == before
