@@ -12,7 +12,7 @@ from .config import AccelConfig, resolve_config
 from .kernels import backend_for
 from .parallel import check_context_parallel, describe
 from .pipelines.families import find_family
-from .runtime import Accelerator, SiteStats
+from .runtime import Accelerator, CacheLedger, SiteStats
 
 __all__ = ["AccelHandle", "accelerate"]
 
@@ -59,14 +59,17 @@ class AccelHandle:
                 cache = site.cache_bytes()
                 cache_total += cache
                 sites[f"{component}.{site.name}"] = site.stats.as_dict(cache)
-        device = next(iter(self._accelerators.values())).transformer
+        first = next(iter(self._accelerators.values()))
+        totals = overall.as_dict(cache_total)
+        totals["cache_bytes_peak"] = first.ledger.peak  # one ledger for all: the true simultaneous peak
+        device = first.transformer
         param = next(device.parameters(), None)
         return {
             "method": self.config.method,
             "config": self.config.to_dict(),
             "families": families,
             "kernel_backend": backend_for(param.device if param is not None else "cpu"),
-            "overall": overall.as_dict(cache_total),
+            "overall": totals,
             "steps_backwards": sum(acc.tracker.steps_backwards for acc in self._accelerators.values()),
             "sites": sites,
             "context_parallel": describe(device),  # None single-process; else stats are this rank's heads
@@ -148,11 +151,12 @@ def accelerate(
             "an int dense_steps"
         )
     accelerators: dict[str, Accelerator] = {}
+    ledger = CacheLedger()
     for name, transformer in transformers.items():
         previous = getattr(transformer, _ATTR, None)
         if previous is not None:
             previous.remove()
-        acc = Accelerator(transformer, find_family(transformer), cfg, scheduler=scheduler_source)
+        acc = Accelerator(transformer, find_family(transformer), cfg, scheduler=scheduler_source, ledger=ledger)
         try:
             acc.install()
         except Exception:

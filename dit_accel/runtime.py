@@ -26,7 +26,7 @@ from .parallel import enter_forward
 from .pipelines.families import Family
 from .state import StepTracker
 
-__all__ = ["Accelerator", "SiteEvent", "SiteStats"]
+__all__ = ["Accelerator", "CacheLedger", "SiteEvent", "SiteStats"]
 
 STATE_HOOK = "dit_accel.state"
 SITE_HOOK = "dit_accel.site"
@@ -78,6 +78,22 @@ class SiteStats:
             "adaptive_refreshes": self.adaptive_refreshes,
             "cache_bytes_peak": self.cache_bytes_peak,
         }
+
+
+@dataclass
+class CacheLedger:
+    """Bytes all sites of one ``accelerate()`` hold in their caches now, and the most they held at once.
+
+    Shared by the accelerators of every transformer of a pipeline, so the peak is the true simultaneous one
+    (summing per-site peaks overstates it: sites do not peak together once caches are cleared per generation).
+    """
+
+    held: int = 0
+    peak: int = 0
+
+    def update(self, old: int, new: int) -> None:
+        self.held += new - old
+        self.peak = max(self.peak, self.held)
 
 
 @dataclass
@@ -187,6 +203,20 @@ class _Site:
         self.module = module
         self.stats = SiteStats()
         self.caches: dict[str, dict[str, Any]] = {}
+        self.held_bytes = 0  # what this site last reported to the ledger
+
+    def clear(self) -> None:
+        """Drop the per-branch caches (a new generation, or removal) and tell the ledger."""
+        self.caches.clear()
+        self.accelerator.ledger.update(self.held_bytes, 0)
+        self.held_bytes = 0
+
+    def account(self) -> None:
+        """Report the bytes this site's caches hold now to the ledger and to the site's own peak."""
+        held = self.cache_bytes()
+        self.accelerator.ledger.update(self.held_bytes, held)
+        self.held_bytes = held
+        self.stats.cache_bytes_peak = max(self.stats.cache_bytes_peak, held)
 
     def cache_bytes(self) -> int:
         total = 0
@@ -301,7 +331,7 @@ class _Site:
             self.stats.pattern_reuses += 1
         if result.adaptive:
             self.stats.adaptive_refreshes += 1
-        self.stats.cache_bytes_peak = max(self.stats.cache_bytes_peak, self.cache_bytes())
+        self.account()
         density = result.density.detach() if isinstance(result.density, torch.Tensor) else result.density
         self.stats.density_sum = self.stats.density_sum + density
         if result.video_density is not None:
@@ -364,8 +394,17 @@ def remove_hook(module: torch.nn.Module, name: str) -> None:
 class Accelerator:
     """Everything installed on one transformer, and how to take it off again."""
 
-    def __init__(self, transformer: torch.nn.Module, family: Family, config: AccelConfig, scheduler: Any = None):
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        family: Family,
+        config: AccelConfig,
+        scheduler: Any = None,
+        ledger: CacheLedger | None = None,
+    ):
         self.transformer = transformer
+        #: cache bytes held now and their simultaneous peak, shared with the pipeline's other transformers
+        self.ledger = ledger if ledger is not None else CacheLedger()
         self.family = family
         self.config = config
         self.method: Method = build_method(config)
@@ -396,7 +435,7 @@ class Accelerator:
             return
         for site in self.sites:
             remove_hook(site.module, SITE_HOOK)
-            site.caches.clear()
+            site.clear()
         remove_hook(self.transformer, STATE_HOOK)
         self._installed = False
 
@@ -425,7 +464,7 @@ class Accelerator:
 
     def _clear_caches(self) -> None:
         for site in self.sites:
-            site.caches.clear()
+            site.clear()
 
     def stats(self) -> dict[str, Any]:
         overall = SiteStats()
@@ -436,9 +475,11 @@ class Accelerator:
             cache = site.cache_bytes()
             total_cache += cache
             sites[site.name] = site.stats.as_dict(cache)
+        totals = overall.as_dict(total_cache)
+        totals["cache_bytes_peak"] = self.ledger.peak  # simultaneous, not the sum of per-site peaks
         return {
             "family": self.family.name,
             "transformer": type(self.transformer).__name__,
-            "overall": overall.as_dict(total_cache),
+            "overall": totals,
             "sites": sites,
         }

@@ -143,3 +143,41 @@ def test_refresh_without_statistics_takes_the_fast_dense_path(monkeypatch):
     with dit_accel.accelerate(pipe, "blocktopk", min_tokens=64, refresh_every=2) as handle:
         pipe(**kwargs, generator=torch.Generator().manual_seed(0))
         assert handle.stats()["overall"]["refresh_calls"] > 0
+
+
+def test_cache_bytes_now_and_the_simultaneous_peak():
+    # bug: cache_bytes_peak summed per-site peaks; the ledger reports the most held at once
+    pipe, kwargs = tiny_pipeline("wan")
+    handle = dit_accel.accelerate(pipe, "rettention", min_tokens=64, dense_steps=0, cache_dtype="float32")
+    acc = handle.accelerators["transformer"]
+    seen = []
+
+    def held_now(event):
+        seen.append(sum(site.cache_bytes() for site in acc.sites))
+
+    acc.observers.append(held_now)
+    pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    stats = handle.stats()
+    handle.remove()
+    overall = stats["overall"]
+    assert overall["cache_bytes"] == 0  # a pipeline call ends its generation: nothing is held after it
+    assert overall["cache_bytes_peak"] == max(seen) > 0
+    # a second call does not add up: the peak is what was held at once, not a running total
+    handle = dit_accel.accelerate(pipe, "rettention", min_tokens=64, dense_steps=0, cache_dtype="float32")
+    for seed in (0, 1):
+        pipe(**kwargs, generator=torch.Generator().manual_seed(seed))
+    assert handle.stats()["overall"]["cache_bytes_peak"] == max(seen)
+    handle.remove()
+
+    # sites that peak at different times: the peak is what was held at once, not the sum of the sites' peaks
+    handle = dit_accel.accelerate(pipe, "rettention", min_tokens=64, dense_steps=0)
+    first, second = handle.accelerators["transformer"].sites
+    first.caches["cond"] = {"residual": torch.zeros(250)}  # 1,000 bytes
+    first.account()
+    first.clear()
+    second.caches["cond"] = {"residual": torch.zeros(250)}
+    second.account()
+    stats = handle.stats()
+    handle.remove()
+    assert stats["overall"]["cache_bytes"] == 1000 and stats["overall"]["cache_bytes_peak"] == 1000
+    assert sum(s["cache_bytes_peak"] for s in stats["sites"].values()) == 2000
