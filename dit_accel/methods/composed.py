@@ -107,13 +107,20 @@ class ComposedMethod(Method):
             )
         self._residual_bytes[key] = nbytes
 
-    def _cache_tensor(self, x: torch.Tensor) -> torch.Tensor:
+    def _cache_tensor(self, x: torch.Tensor, old: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` in the cache's dtype; with ``cache_offload`` from a GPU, copied asynchronously into pinned host
+        memory (the previous refresh's buffer when it fits), so neither the copy out nor the one back waits."""
         dtype = _DTYPES.get(self.config.cache_dtype)
         if dtype is not None:
             x = x.to(dtype)
-        if self.config.cache_offload:
-            x = x.to("cpu")
-        return x
+        if not self.config.cache_offload or x.device.type == "cpu":
+            return x
+        reusable = (
+            old is not None and old.device.type == "cpu" and old.shape == x.shape and old.dtype == x.dtype
+        ) and old.is_pinned()
+        buffer = old if reusable else torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+        buffer.copy_(x, non_blocking=True)  # stream-ordered: reads of the old contents were enqueued before
+        return buffer
 
     # -- the call -------------------------------------------------------------------------------------------
     def attend(self, call: SiteCall) -> SparseResult:
@@ -160,7 +167,9 @@ class ComposedMethod(Method):
         )
         rho, residual = reshape_statistics(o_s, lse_s, o_f, lse_f)
         if cfg.compensation == "reshape":
-            residual = self._cache_tensor(residual if cfg.cache_dtype != "auto" else residual.to(q.dtype))
+            residual = self._cache_tensor(
+                residual if cfg.cache_dtype != "auto" else residual.to(q.dtype), cache.get("residual")
+            )
             self._check_budget(call, residual.numel() * residual.element_size())
             cache["rho"] = rho
             cache["residual"] = residual

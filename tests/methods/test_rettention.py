@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from _method_helpers import brute_attention, make_call, qkv, token_mask_from_method
 
@@ -114,3 +115,20 @@ def test_statistics_of_another_shape_force_a_refresh(rng):
     q3, k3, v3 = qkv(rng, 2, 2, 192)  # another token count at the same batch
     assert method.attend(make_call(q3, k3, v3, config, step=3, cache=cache)).kind == "refresh"
     assert method.attend(make_call(q3, k3, v3, config, step=4, cache=cache)).kind == "sparse"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA")
+def test_offloaded_residual_is_pinned_and_reused():
+    # bug: cache_offload copied through pageable memory (every copy waited for the stream)
+    config = resolve_config("rettention", refresh_every=1, min_tokens=0, cache_offload=True)
+    method = build_method(config)
+    cache: dict = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 64, device="cuda", generator=g) for _ in range(3))
+    method.attend(make_call(q, k, v, config, step=1, cache=cache))
+    first = cache["residual"]
+    assert first.device.type == "cpu" and first.is_pinned()
+    method.attend(make_call(q, k, v, config, step=2, cache=cache))
+    assert cache["residual"] is first  # the next refresh writes into the same pinned buffer
+    method.attend(make_call(q, k, v, config, step=2, cache=cache))  # a reshape step reads it back
+    torch.cuda.synchronize()
