@@ -299,6 +299,8 @@ class _Site:
         layout = state.layout
         if layout is not None and layout.total_tokens != q.shape[-2]:
             layout = None
+        if reason is None and layout is None and acc.family.text_first is not None:
+            reason = "no_layout"  # text tokens somewhere in the sequence: a pattern would not keep them dense
         call = None
         if reason is None:
             call = SiteCall(

@@ -97,3 +97,19 @@ def test_density_scales_with_sparsity():
     n_k = math.ceil(768 / 64)
     assert densities[0] == pytest.approx(round(0.5 * n_k) / n_k)
     assert densities[1] == pytest.approx(max(1, round(0.1 * n_k)) / n_k)
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuan_video", "flux"])
+def test_joint_attention_without_a_layout_stays_dense(family):
+    # bug: with no token layout the text tokens of joint attention were sparsified like video tokens
+    import dataclasses
+
+    pipe, kwargs = tiny_pipeline(family)
+    handle = dit_accel.accelerate(pipe, "blocktopk", min_tokens=64)
+    acc = handle.accelerators["transformer"]
+    acc.family = dataclasses.replace(acc.family, grid=lambda model, bound: None)  # the grid cannot be read
+    run(pipe, kwargs)
+    stats = handle.stats()
+    handle.remove()
+    assert stats["overall"]["sparse_calls"] == 0
+    assert set(stats["overall"]["dense_reasons"]) == {"no_layout"}

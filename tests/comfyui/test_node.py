@@ -90,6 +90,7 @@ def test_in_window_self_attention_runs_the_dit_accel_method(comfy):
     b, s, heads, d = 1, 128, 2, 16
     q, k, v = (torch.randn(b, s, heads * d, generator=g) for _ in range(3))
     options.update(sigmas=torch.tensor([0.5]), sample_sigmas=torch.tensor(SIGMAS), cond_or_uncond=[0], block_index=1)
+    patch.grid = (2, 8, 8)  # what the diffusion-model wrapper reads from x: 128 video tokens
 
     out = comfy.attention(q, k, v, heads, transformer_options=options)
 
@@ -181,3 +182,19 @@ def test_every_method_runs_through_the_node(comfy):
         assert torch.isfinite(out).all(), method
         stats = patch.stats()
         assert stats["sparse_calls"] + stats["dense_calls"] == 4 * 2 * 2, (method, stats)  # self + cross calls
+
+
+def test_tokens_beside_the_grid_stay_dense(comfy):
+    # bug: with text tokens in self-attention (joint attention) and no layout, a text query block kept 2 of 9
+    # key blocks; the call now stays dense with a reason
+    base = comfy.ModelPatcher(comfy.FakeWan())
+    patched = comfy.node.apply_sparse_attention(base, "blocktopk", 0.5, 0.0, 1.0, "", 0)
+    options = patched.model_options["transformer_options"]
+    patch = options[OVERRIDE]._dit_accel_patch
+    patch.grid = (2, 8, 8)
+    options.update(sigmas=torch.tensor([0.5]), sample_sigmas=torch.tensor(SIGMAS), cond_or_uncond=[0], block_index=1)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 128 + 16, 32, generator=g) for _ in range(3))  # 128 video + 16 text tokens
+    out = comfy.attention(q, k, v, 2, transformer_options=options)
+    assert patch.dense_reasons["no_layout"] == 1 and patch.sparse_calls == 0
+    torch.testing.assert_close(out, comfy.attention(q, k, v, 2, transformer_options={}))

@@ -243,9 +243,10 @@ class SparseAttentionPatch:
         if step is not None:
             self._last_step = step
         branch = "-".join(str(c) for c in options.get("cond_or_uncond", [])) or "pass0"
-        layout = None
-        if self.grid is not None and self.grid[0] * self.grid[1] * self.grid[2] == tokens:
-            layout = TokenLayout(grid=self.grid)
+        if self.grid is None or self.grid[0] * self.grid[1] * self.grid[2] != tokens:
+            # text (joint attention) or other tokens beside the latent grid: a pattern would sparsify them
+            return self._decline("no_layout", func, args, kwargs)
+        layout = TokenLayout(grid=self.grid)
         state = DenoiseState(
             step=step if step is not None else 0,
             num_steps=steps,
