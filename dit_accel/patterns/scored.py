@@ -12,8 +12,11 @@ __all__ = ["head_threshold_mask", "keep_count", "negligible_mask", "pooled_score
 
 
 def keep_count(sparsity: float, n_k: int) -> int:
-    """Key blocks kept per query block for a target sparsity (at least one)."""
-    return max(1, min(n_k, round((1.0 - sparsity) * n_k)))
+    """Key blocks kept per query block for a target sparsity: ``(1 - sparsity) n_k`` rounded half up (2.5 -> 3,
+    not Python's round-half-to-even), at least one and at most ``n_k``.
+
+    The small epsilon absorbs binary error (``(1 - 0.85) * 10`` is 1.4999999999999996, meant as 1.5)."""
+    return max(1, min(n_k, math.floor((1.0 - sparsity) * n_k + 0.5 + 1e-9)))
 
 
 def pooled_scores(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, smooth_k: bool, scale: float | None):

@@ -188,3 +188,19 @@ def test_topk_lut_is_only_as_wide_as_its_longest_possible_row(rng):
     q, k, v = qkv(rng, 1, 2, text.total_tokens)
     _, call, _ = run_method("blocktopk", q, k, v, layout=text, sparsity=0.75, min_tokens=0)
     assert call.cache["kv_indices"].shape[-1] == math.ceil(text.total_tokens / 64)
+
+
+def test_keep_count_rounds_half_up_as_documented():
+    # expected values from exact fractions, independent of the code's float formula: floor, banker's rounding
+    # (Python's round: 2.5 -> 2) or truncation must fail here
+    import math
+    from fractions import Fraction
+
+    from dit_accel.patterns.scored import keep_count
+
+    for sparsity in ("0.5", "0.75", "0.85", "0.9", "0.95", "0.96875", "0.0", "0.99"):
+        for n_k in (1, 2, 4, 7, 10, 12, 20, 33, 64, 100):
+            exact = (1 - Fraction(sparsity)) * n_k
+            expected = max(1, min(n_k, math.floor(exact + Fraction(1, 2))))
+            assert keep_count(float(sparsity), n_k) == expected, (sparsity, n_k)
+    assert keep_count(0.75, 10) == 3 and keep_count(0.85, 10) == 2  # the two half-way cases, spelled out
