@@ -198,3 +198,13 @@ def test_tokens_beside_the_grid_stay_dense(comfy):
     out = comfy.attention(q, k, v, 2, transformer_options=options)
     assert patch.dense_reasons["no_layout"] == 1 and patch.sparse_calls == 0
     torch.testing.assert_close(out, comfy.attention(q, k, v, 2, transformer_options={}))
+
+
+def test_float32_sigma_on_the_window_edge_is_inside(comfy):
+    # bug: float32(0.6) = 0.60000002 > 0.6, so the step at the window's start edge ran outside it
+    base = comfy.ModelPatcher(comfy.FakeWan())
+    patched = comfy.node.apply_sparse_attention(base, "blocktopk", 0.5, 0.4, 1.0, "", 0)
+    patch = patched.model_options["transformer_options"][OVERRIDE]._dit_accel_patch
+    assert patch.sigma_start == 0.6 and torch.tensor(0.6).item() > 0.6
+    comfy.sample(patched, [1.0, 0.6, 0.2, 0.0])  # sigma 0.6 is the start of the window
+    assert patch.sparse_calls == 2 * 2 and patch.dense_reasons["outside_window"] == 2

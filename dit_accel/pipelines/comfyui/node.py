@@ -191,7 +191,9 @@ class SparseAttentionPatch:
 
     def _in_window(self, sigma: float | None, step: int | None, steps: int | None) -> bool:
         if sigma is not None and self.sigma_start is not None and self.sigma_end is not None:
-            return self.sigma_end <= sigma <= self.sigma_start
+            # sigmas arrive as float32 tensors: a sigma on the window's edge may read a few ulps outside it
+            tol = 1e-6 * max(1.0, abs(sigma))
+            return self.sigma_end - tol <= sigma <= self.sigma_start + tol
         if step is None or not steps:
             return True
         fraction = step / steps
