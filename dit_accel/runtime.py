@@ -59,7 +59,7 @@ class SiteStats:
         self.pattern_builds += other.pattern_builds
         self.pattern_reuses += other.pattern_reuses
         self.adaptive_refreshes += other.adaptive_refreshes
-        self.cache_bytes_peak += other.cache_bytes_peak
+        # cache_bytes_peak is not summed: per-site peaks need not coincide; totals read the CacheLedger's peak
 
     def as_dict(self, cache_bytes: int) -> dict[str, Any]:
         measured = self.sparse_calls + self.refresh_calls
