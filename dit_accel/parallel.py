@@ -7,7 +7,7 @@ Two independent things live here.
    ``F.scaled_dot_product_attention`` on ``(B, H / n, S_full, D)``: every rank sees the whole sequence for its
    slice of the heads. Our site interceptor catches that call, so the per-head patterns, rho and residuals are
    built and cached per rank for its own heads, unchanged. The one decision that mixes heads, the adaptive
-   refresh (mean LSE drift over all heads), is averaged over the Ulysses group by :func:`head_mean` so every rank
+   refresh (mean LSE drift over all heads), is averaged over the Ulysses group by :func:`head_sum_count` so every rank
    refreshes on the same step as a single process would. Ring and unified attention merge partial results by
    LSE, which the native backend cannot return, and backends other than ``native`` run their own kernels that
    we cannot intercept under context parallelism: both are refused by :func:`check_context_parallel`, at
@@ -41,7 +41,7 @@ __all__ = [
     "cpu_device_count_workaround",
     "describe",
     "enter_forward",
-    "head_mean",
+    "head_sum_count",
     "local_rank",
     "merge_records",
     "rank_world",
@@ -144,7 +144,7 @@ def _ulysses_group(cp: Any) -> Any | None:
 
 def enter_forward(transformer: torch.nn.Module) -> None:
     """Called at the start of every accelerated transformer forward: re-check the parallel config (it may have
-    been enabled after ``accelerate``) and publish the Ulysses group for :func:`head_mean`.
+    been enabled after ``accelerate``) and publish the Ulysses group for :func:`head_sum_count`.
 
     Costs one attribute lookup when nothing changed since the last forward.
     """
@@ -158,22 +158,23 @@ def enter_forward(transformer: torch.nn.Module) -> None:
     _HEAD_GROUP.set(_ulysses_group(cp))
 
 
-def head_mean(values: torch.Tensor) -> float:
-    """Mean of ``values`` over this rank's heads, or over every rank's heads under Ulysses (0.0 when empty).
+def head_sum_count(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``stack([total, count])`` summed over every rank's heads under Ulysses (this rank's alone otherwise).
 
     Used for the decisions that mix heads (adaptive refresh), so that all ranks decide alike and as one process
-    holding every head would. Every rank of the group must call it the same number of times.
+    holding every head would. Stays on the device (no host sync); every rank of the group must call it the same
+    number of times.
     """
+    acc = torch.stack([total.double(), count.double()])
     group = _HEAD_GROUP.get()
     if group is None:
-        return float(values.mean()) if values.numel() else 0.0
+        return acc
     import torch.distributed as dist
 
-    device = values.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
-    acc = torch.stack([values.double().sum(), torch.tensor(values.numel(), dtype=torch.float64)]).to(device)
+    device = acc.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    acc = acc.to(device)
     dist.all_reduce(acc, group=group)
-    total, count = acc.tolist()
-    return total / count if count else 0.0
+    return acc
 
 
 def describe(transformer: torch.nn.Module) -> dict[str, Any] | None:

@@ -1,24 +1,53 @@
-"""When a sparse site refreshes (full attention, statistics recollected) and when it rebuilds its pattern.
+"""The whole schedule of a site: which calls stay dense, when a sparse site refreshes, when it rebuilds its pattern.
 
-The runtime already keeps ``dense_steps`` and ``dense_layers`` dense. After that, per site and CFG branch:
+Every integration (diffusers hooks, FreeSwim, the ComfyUI node) asks these functions through
+:class:`dit_accel.core.SiteCore`, so the three agree by construction.
 
-* refresh at the first sparse call of a generation when the compensation needs statistics (reshape, or the
-  ``mass`` weighting of the linear branch when refreshes are scheduled), then every ``refresh_every`` steps,
-  and adaptively when the sparse branch's LSE drifted more than ``refresh_drift`` nats (mean absolute) since;
-* rebuild the pattern every ``reuse_pattern_every`` steps; static (geometric) patterns are built once per
-  generation; patterns that statistics belong to (rho, R, alpha) change only at refresh steps.
+* Dense: calls outside a transformer forward, sequences under ``min_tokens``, the layers in ``dense_layers`` and
+  the first ``dense_steps`` steps (:func:`dense_reason`).
+* Refresh (full attention, statistics recollected), per site and CFG branch: at the first sparse call of a
+  generation when the compensation needs statistics (reshape, or the ``mass`` weighting of the linear branch when
+  refreshes are scheduled), then every ``refresh_every`` steps, whenever the call's shape differs from the one the
+  statistics were measured on, and adaptively when the sparse branch's LSE drifted more than ``refresh_drift``
+  nats (mean absolute) since the last refresh. The drift is measured on the device at every sparse call and read
+  once per transformer forward (:func:`resolve_drift`), so the refresh it asks for runs at the site's next call.
+* Pattern: rebuilt every ``reuse_pattern_every`` steps; static (geometric) patterns once per generation; a pattern
+  that statistics belong to (rho, R, alpha) only together with a refresh (:func:`plan_call`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 
 from .config import AccelConfig
-from .parallel import head_mean
+from .parallel import head_sum_count
+from .site_state import BlockPattern, BranchState, Shape
+from .state import DenoiseState
 
-__all__ = ["lse_drift", "needs_refresh", "needs_statistics", "pattern_is_stale"]
+__all__ = [
+    "dense_reason",
+    "lse_drift",
+    "needs_refresh",
+    "needs_statistics",
+    "pattern_is_stale",
+    "plan_call",
+    "resolve_drift",
+]
+
+
+def dense_reason(config: AccelConfig, site_index: int, tokens: int, state: DenoiseState) -> str | None:
+    """The schedule's reason to keep this call dense, or None (see ``dit_accel.core.DENSE_REASONS``)."""
+    if not state.active:
+        return "outside_forward"
+    if tokens < config.min_tokens:
+        return "min_tokens"
+    if site_index in config.dense_layers:
+        return "dense_layer"
+    if state.step < config.dense_step_count(state.num_steps):
+        return "dense_step"
+    return None
 
 
 def needs_statistics(config: AccelConfig) -> bool:
@@ -28,36 +57,64 @@ def needs_statistics(config: AccelConfig) -> bool:
     return config.compensation == "linear" and config.linear_weight == "mass" and config.refresh_every > 0
 
 
-def needs_refresh(config: AccelConfig, cache: dict[str, Any], step: int, shape: Any = None) -> bool:
+def needs_refresh(config: AccelConfig, branch: BranchState, step: int, shape: Shape) -> bool:
     """Whether this call must run a full-attention refresh before (or instead of) sparse attention.
 
-    ``shape`` is the (tokens, batch, heads) key of this call: statistics (rho, R, alpha) computed for another
-    shape belong to other tokens, so a change forces a refresh.
+    ``shape`` is the (tokens, batch, heads) of this call: statistics computed for another shape belong to other
+    tokens, so a change forces a refresh.
     """
-    last = cache.get("refresh_step")
+    last = branch.refresh_step
     if last is None:
         return needs_statistics(config) or config.refresh_every > 0
-    if step < last:  # the step counter went back: stale statistics
+    if step < last or branch.drift_exceeded:  # the step went back (stale), or the drift check asked for it
         return True
-    if needs_statistics(config) and cache.get("refresh_shape") != shape:
+    if needs_statistics(config) and (branch.statistics is None or branch.statistics.shape != shape):
         return True
     return config.refresh_every > 0 and step - last >= config.refresh_every
 
 
-def pattern_is_stale(config: AccelConfig, cache: dict[str, Any], step: int, refresh: bool, n: Any) -> bool:
-    """Whether the cached pattern must be rebuilt for this call (``n``: the shape key it was built for)."""
-    built = cache.get("pattern_step")
-    if built is None or cache.get("pattern_n") != n or step < built:
+def pattern_is_stale(config: AccelConfig, pattern: BlockPattern | None, step: int, refresh: bool, shape: Shape) -> bool:
+    """Whether the cached pattern must be rebuilt for this call."""
+    if pattern is None or pattern.shape != shape or step < pattern.step:
         return True
-    if cache.get("pattern_static"):
+    if pattern.static:
         return False
     if needs_statistics(config):
         return refresh
-    return refresh or step - built >= config.reuse_pattern_every
+    return refresh or step - pattern.step >= config.reuse_pattern_every
 
 
-def lse_drift(lse: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean absolute change of the sparse LSE over rows that are finite in both (over all ranks' heads under
-    Ulysses context parallelism, so every rank refreshes together)."""
+def plan_call(config: AccelConfig, branch: BranchState, step: int, shape: Shape) -> tuple[bool, bool]:
+    """``(refresh, rebuild)`` for this call. Statistics belong to the pattern they were measured with, so a
+    rebuilt pattern always comes with a refresh when the compensation uses statistics."""
+    refresh = needs_refresh(config, branch, step, shape)
+    rebuild = pattern_is_stale(config, branch.pattern, step, refresh, shape)
+    if rebuild and needs_statistics(config):
+        refresh = True
+    return refresh, rebuild
+
+
+def lse_drift(lse: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum, count)`` of the absolute LSE change over rows finite in both, on the device (no host sync).
+
+    Summed over every rank's heads under Ulysses context parallelism, so all ranks decide alike.
+    """
     ok = torch.isfinite(lse) & torch.isfinite(reference)
-    return head_mean((lse - reference.to(lse.device)).abs()[ok])
+    diff = torch.where(ok, (lse - reference.to(lse.device)).abs(), torch.zeros((), device=lse.device))
+    return head_sum_count(diff.double().sum(), ok.sum().double())
+
+
+def resolve_drift(config: AccelConfig, branches: Iterable[BranchState]) -> int:
+    """Read every pending drift measurement with one host sync; mark the branches that drifted past
+    ``refresh_drift`` so their next call refreshes. Returns how many were marked."""
+    pending = [b for b in branches if b.drift is not None]
+    if not pending:
+        return 0
+    values = torch.stack([b.drift.to(pending[0].drift.device) for b in pending]).tolist()  # the one sync
+    marked = 0
+    for branch, (total, count) in zip(pending, values):
+        branch.drift = None
+        if count and total / count > config.refresh_drift:
+            branch.drift_exceeded = True
+            marked += 1
+    return marked

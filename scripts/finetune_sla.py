@@ -77,8 +77,9 @@ def _branches(method: ComposedMethod, call, component: str) -> dict[str, Any]:
     if plan.perm is not None:
         q, k, v = (kernels.permute_tokens(x, plan.perm) for x in (q, k, v))
     b, h = q.shape[:2]
-    idx, counts = method._lut(cache, b, h)
-    negligible = cache.get("negligible")
+    pattern = cache.pattern
+    idx, counts = method._lut(pattern, b, h)
+    negligible = pattern.negligible
     if negligible is not None:
         negligible = negligible.expand(b, h, -1, -1)
     o_s, o_l, lse = kernels.sparse_linear_attention(
@@ -87,7 +88,7 @@ def _branches(method: ComposedMethod, call, component: str) -> dict[str, Any]:
     )  # fmt: skip
     alpha = None
     if cfg.linear_weight == "mass":
-        alpha = cache.get("alpha")
+        alpha = cache.statistics.alpha if cache.statistics is not None else None
         if alpha is None:
             n_kb = -(-q.shape[2] // cfg.block_n)  # the LUT may be narrower than the key blocks (top-k)
             outside = ~kernels.reference.selected_block_mask(idx, counts, n_kb)

@@ -3,6 +3,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import dit_accel
+from dit_accel.site_state import BlockPattern, BranchState
 from dit_accel.testing import tiny_pipeline
 
 
@@ -172,10 +173,15 @@ def test_cache_bytes_now_and_the_simultaneous_peak():
     # sites that peak at different times: the peak is what was held at once, not the sum of the sites' peaks
     handle = dit_accel.accelerate(pipe, "rettention", min_tokens=64, dense_steps=0)
     first, second = handle.accelerators["transformer"].sites
-    first.caches["cond"] = {"residual": torch.zeros(250)}  # 1,000 bytes
+
+    def holding(nbytes: int) -> BranchState:
+        pattern = BlockPattern(torch.zeros(nbytes // 4), torch.zeros(0), torch.zeros(()), None, 0, (0, 0, 0))
+        return BranchState(pattern=pattern)
+
+    first.branches["cond"] = holding(996)  # 996 bytes of LUT, 4 of density: 1,000 bytes
     first.account()
     first.clear()
-    second.caches["cond"] = {"residual": torch.zeros(250)}
+    second.branches["cond"] = holding(996)
     second.account()
     stats = handle.stats()
     handle.remove()

@@ -23,6 +23,7 @@ from dit_accel.pipelines.freeswim_window import (
     tile_window_mask,
     window_geometry,
 )
+from dit_accel.site_state import BranchState
 from dit_accel.state import DenoiseState
 from dit_accel.testing import tiny_pipeline
 
@@ -147,7 +148,7 @@ def test_window_output_equals_masked_attention(rng: torch.Generator) -> None:
     state = DenoiseState(step=0, branch="window_cond", layout=layout, active=True)
     method = ComposedMethod(geo.config())
     call = SiteCall(q=q, k=k, v=v, scale=scale, config=method.config, state=state, layout=layout, site_index=0,
-                    site_name="attn1", cache={})  # fmt: skip
+                    site_name="attn1", cache=BranchState())  # fmt: skip
     out = method.attend(call).out
     mask = tile_window_mask(grid, geo.tile, geo.extents)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -25,7 +25,7 @@ from diffusers.models._modeling_parallel import ParallelConfig
 
 import dit_accel
 from dit_accel import parallel
-from dit_accel.parallel import cpu_device_count_workaround, head_mean, merge_records, read_prompts, shard
+from dit_accel.parallel import cpu_device_count_workaround, head_sum_count, merge_records, read_prompts, shard
 from dit_accel.testing import tiny_pipeline
 
 WORLD = 2
@@ -68,10 +68,9 @@ def test_read_prompts_skips_comments_and_blank_lines(tmp_path: Path) -> None:
         read_prompts(tmp_path / "missing.txt")
 
 
-def test_head_mean_without_a_group_is_the_plain_mean() -> None:
+def test_head_sum_count_without_a_group_is_this_ranks_sum_and_count() -> None:
     values = torch.tensor([0.5, 1.0, 3.0])
-    assert head_mean(values) == pytest.approx(1.5)
-    assert head_mean(values[:0]) == 0.0
+    assert head_sum_count(values.sum(), torch.tensor(3)).tolist() == [4.5, 3.0]
 
 
 # -- refusals (a parallel config attached by hand: no process group needed) -----------------------------------
@@ -171,7 +170,9 @@ def _check_rank(rank: int, folder: Path) -> None:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     # the mean that decides adaptive refreshes is taken over every rank's heads
     parallel.enter_forward(split.transformer)
-    assert head_mean(torch.full((rank + 1,), float(rank + 1))) == pytest.approx(5.0 / 3.0)  # (1 + 2 + 2) / 3
+    values = torch.full((rank + 1,), float(rank + 1))
+    total, count = head_sum_count(values.sum(), torch.tensor(values.numel())).tolist()
+    assert total / count == pytest.approx(5.0 / 3.0)  # (1 + 2 + 2) / 3
     # ring on a real process mesh is refused when accelerate() is called
     ring, _ = tiny_pipeline("wan")
     with cpu_device_count_workaround():

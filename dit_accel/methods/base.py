@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ..config import AccelConfig
 from ..layout import TokenLayout
+from ..site_state import BlockPattern, BranchState, Statistics
 from ..state import DenoiseState
 
-__all__ = ["Method", "SiteCall", "SparseResult"]
+__all__ = ["BlockPattern", "BranchState", "Method", "SiteCall", "SparseResult", "Statistics"]
 
 
 @dataclass
@@ -39,11 +39,11 @@ class SiteCall:
     layout: TokenLayout | None
     site_index: int
     site_name: str
-    cache: dict[str, Any] = field(default_factory=dict)  # per site and CFG branch, reset per generation
+    cache: BranchState = field(default_factory=BranchState)  # per site and CFG branch, reset per generation
 
 
 class Method:
-    """A sparse attention method. ``attend`` returns None to ask for the dense path (with ``dense_reason``)."""
+    """A sparse attention method. ``dense_reason`` may send a call to the dense path before ``attend``."""
 
     name = "base"
 
@@ -51,7 +51,7 @@ class Method:
         self.config = config
 
     def dense_reason(self, call: SiteCall) -> str | None:
-        """Why this call should stay dense (schedule decisions), or None to run :meth:`attend`."""
+        """Why this call should stay dense (a name from ``dit_accel.core.DENSE_REASONS``), or None."""
         return None
 
     def attend(self, call: SiteCall) -> SparseResult:

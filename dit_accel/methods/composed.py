@@ -8,8 +8,6 @@ kernel; applies the compensation; and restores the native token order.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +15,8 @@ from .. import kernels
 from ..compensation import SLAProjections, combine_linear, reshape_output, reshape_statistics
 from ..config import AccelConfig
 from ..patterns import GEOMETRIC_PATTERNS, Plan, build_pattern, plan_for
-from ..schedule import lse_drift, needs_refresh, needs_statistics, pattern_is_stale
+from ..schedule import lse_drift, needs_statistics, plan_call
+from ..site_state import BlockPattern, Statistics
 from .base import Method, SiteCall, SparseResult
 
 __all__ = ["CacheBudgetError", "ComposedMethod"]
@@ -26,7 +25,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class CacheBudgetError(RuntimeError):
-    """The cached residuals would exceed ``cache_budget_mb``."""
+    """The caches of all sites and branches would exceed ``cache_budget_mb``."""
 
 
 class ComposedMethod(Method):
@@ -38,7 +37,6 @@ class ComposedMethod(Method):
         super().__init__(config)
         self.projections = SLAProjections()
         self._plans: dict[tuple, Plan] = {}
-        self._residual_bytes: dict[tuple[int, str], int] = {}
 
     # -- schedule hooks -------------------------------------------------------------------------------------
     def dense_reason(self, call: SiteCall) -> str | None:
@@ -62,50 +60,38 @@ class ComposedMethod(Method):
             self._plans[key] = plan
         return plan
 
-    def _lut(self, cache: dict[str, Any], b: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, counts = cache["kv_indices"], cache["kv_counts"]
+    def _lut(self, pattern: BlockPattern, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, counts = pattern.kv_indices, pattern.kv_counts
         if idx.shape[0] != b or idx.shape[1] != h:  # a static pattern: expand once, then reuse
             idx = idx.expand(b, h, -1, -1).contiguous()
             counts = counts.expand(b, h, -1).contiguous()
-            cache["kv_indices"], cache["kv_counts"] = idx, counts
+            pattern.kv_indices, pattern.kv_counts = idx, counts
         return idx, counts
 
-    def _store_pattern(self, call: SiteCall, plan: Plan, q: torch.Tensor, k: torch.Tensor) -> None:
-        cfg, cache = self.config, call.cache
+    def _build_pattern(self, call: SiteCall, plan: Plan, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
+        cfg = self.config
         pattern = build_pattern(cfg, plan, q, k, call.layout, call.scale)
         kv_indices, kv_counts = kernels.lut_from_mask(pattern.mask)
         if pattern.max_count is not None:  # as wide as its longest row can be: the kernels tune by that width
             kv_indices = kv_indices[..., : max(1, pattern.max_count)]
-        cache["kv_indices"], cache["kv_counts"] = kv_indices, kv_counts
-        if pattern.negligible is not None:
-            cache["negligible"] = pattern.negligible
-        else:
-            cache.pop("negligible", None)
-        if cfg.compensation == "linear" and cfg.linear_weight == "mass":
-            cache["outside"] = ~pattern.mask
         mask = pattern.mask
-        cache["density"] = mask.float().mean()
+        video_density = None
         if plan.has_video_rows:  # mean over the query blocks holding no text, without boolean indexing (a sync)
             video = (~plan.dense_rows).float()
-            cache["video_density"] = (mask.float().mean(dim=(0, 1, 3)) * video).sum() / video.sum()
-        else:
-            cache["video_density"] = None
-        cache["pattern_step"] = call.state.step
-        cache["pattern_n"] = (plan.n, *q.shape[:2])
-        cache["pattern_static"] = pattern.static
-
-    def _check_budget(self, call: SiteCall, nbytes: int) -> None:
-        budget = self.config.cache_budget_mb
-        key = (call.site_index, call.state.branch)
-        others = sum(v for kk, v in self._residual_bytes.items() if kk != key)
-        if budget is not None and others + nbytes > budget * 2**20:
-            raise CacheBudgetError(
-                f"cache_budget_mb={budget!r} is too small: the Re-ttention residual of site {call.site_name!r} "
-                f"(branch {call.state.branch!r}) needs {nbytes / 2**20:.1f} MiB on top of {others / 2**20:.1f} MiB "
-                "cached by other sites and branches; raise cache_budget_mb, set cache_dtype='bfloat16', "
-                "keep more layers dense (dense_layers) or use a method without a residual cache"
-            )
-        self._residual_bytes[key] = nbytes
+            video_density = (mask.float().mean(dim=(0, 1, 3)) * video).sum() / video.sum()
+        built = BlockPattern(
+            kv_indices=kv_indices,
+            kv_counts=kv_counts,
+            density=mask.float().mean(),
+            video_density=video_density,
+            step=call.state.step,
+            shape=(plan.n, *q.shape[:2]),
+            static=pattern.static,
+            negligible=pattern.negligible,
+            outside=~mask if cfg.compensation == "linear" and cfg.linear_weight == "mass" else None,
+        )
+        call.cache.pattern = built
+        return built
 
     def _cache_tensor(self, x: torch.Tensor, old: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` in the cache's dtype; with ``cache_offload`` from a GPU, copied asynchronously into pinned host
@@ -124,69 +110,80 @@ class ComposedMethod(Method):
 
     # -- the call -------------------------------------------------------------------------------------------
     def attend(self, call: SiteCall) -> SparseResult:
-        cfg, cache = self.config, call.cache
-        step = call.state.step
+        cfg, branch = self.config, call.cache
         plan = self.plan(call)
         q, k, v = call.q, call.k, call.v
         if plan.perm is not None:
             q, k, v = (kernels.permute_tokens(x, plan.perm) for x in (q, k, v))
         shape = (plan.n, *q.shape[:2])
-        refresh = needs_refresh(cfg, cache, step, shape)
-        built = pattern_is_stale(cfg, cache, step, refresh, shape)
-        if built:
-            self._store_pattern(call, plan, q, k)
+        adaptive = branch.drift_exceeded
+        refresh, rebuild = plan_call(cfg, branch, call.state.step, shape)
+        pattern = self._build_pattern(call, plan, q, k) if rebuild else branch.pattern
+        assert pattern is not None
         if refresh:
-            out = self._refresh(call, q, k, v)
-            result = SparseResult(out=out, density=1.0, video_density=1.0, kind="refresh", pattern_built=built)
-        else:
-            out, lse = self._sparse(call, q, k, v)
+            out = self._refresh(call, pattern, q, k, v)
             result = SparseResult(
-                out=out, density=cache["density"], video_density=cache["video_density"], pattern_built=built
+                out=out, density=1.0, video_density=1.0, kind="refresh", pattern_built=rebuild, adaptive=adaptive
             )
-            if cfg.refresh_drift > 0 and "lse_ref" in cache and lse_drift(lse, cache["lse_ref"]) > cfg.refresh_drift:
-                self._store_pattern(call, plan, q, k)
-                out = self._refresh(call, q, k, v)
-                result = SparseResult(
-                    out=out, density=1.0, video_density=1.0, kind="refresh", pattern_built=True, adaptive=True
-                )
+        else:
+            out = self._sparse(call, pattern, q, k, v)
+            result = SparseResult(
+                out=out, density=pattern.density, video_density=pattern.video_density, pattern_built=rebuild
+            )
         if plan.inv is not None:
             result.out = kernels.permute_tokens(result.out, plan.inv)
         return result
 
-    def _refresh(self, call: SiteCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cfg, cache = self.config, call.cache
+    def _refresh(
+        self, call: SiteCall, pattern: BlockPattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        cfg, branch = self.config, call.cache
         b, h = q.shape[:2]
-        cache["refresh_step"] = call.state.step
-        cache["refresh_shape"] = (q.shape[2], b, h)
-        cache["sparse_since_refresh"] = 0
+        step = call.state.step
+        branch.refresh_step = step
+        branch.drift_exceeded = False
+        branch.drift = None
         if not needs_statistics(cfg) and cfg.refresh_drift <= 0:  # no statistics: the fast dense path
+            branch.statistics = None
             return F.scaled_dot_product_attention(q, k, v, scale=call.scale)
-        idx, counts = self._lut(cache, b, h)
+        idx, counts = self._lut(pattern, b, h)
         o_s, lse_s, o_f, lse_f = kernels.block_sparse_attention_pair(
             q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale
         )
         rho, residual = reshape_statistics(o_s, lse_s, o_f, lse_f)
+        old = branch.statistics
+        stats = Statistics(pattern=pattern, shape=(q.shape[2], b, h), step=step)
         if cfg.compensation == "reshape":
-            residual = self._cache_tensor(
-                residual if cfg.cache_dtype != "auto" else residual.to(q.dtype), cache.get("residual")
+            stats.residual = self._cache_tensor(
+                residual if cfg.cache_dtype != "auto" else residual.to(q.dtype),
+                old.residual if old is not None else None,
             )
-            self._check_budget(call, residual.numel() * residual.element_size())
-            cache["rho"] = rho
-            cache["residual"] = residual
+            stats.rho = rho
         elif needs_statistics(cfg):
-            cache["alpha"] = rho
+            stats.alpha = rho
         if cfg.refresh_drift > 0:
-            cache["lse_ref"] = lse_s
+            stats.lse_ref = lse_s
+        branch.statistics = stats
         return o_f
 
+    def _statistics(self, call: SiteCall, pattern: BlockPattern) -> Statistics | None:
+        """The branch's statistics when they belong to this pattern (the schedule guarantees it; checked)."""
+        stats = call.cache.statistics
+        if stats is None:
+            return None
+        if stats.pattern is not pattern:
+            raise RuntimeError(f"site {call.site_name!r}: statistics measured with another pattern (a schedule bug)")
+        return stats
+
     def _sparse(
-        self, call: SiteCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg, cache = self.config, call.cache
+        self, call: SiteCall, pattern: BlockPattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        cfg, branch = self.config, call.cache
         b, h, _, d = q.shape
-        idx, counts = self._lut(cache, b, h)
+        idx, counts = self._lut(pattern, b, h)
+        stats = self._statistics(call, pattern)
         if cfg.compensation == "linear":
-            negligible = cache.get("negligible")
+            negligible = pattern.negligible
             if negligible is not None and negligible.shape[:2] != (b, h):
                 negligible = negligible.expand(b, h, -1, -1)
             o_s, o_l, lse = kernels.sparse_linear_attention(
@@ -195,22 +192,25 @@ class ComposedMethod(Method):
             )  # fmt: skip
             alpha = None
             if cfg.linear_weight == "mass":
-                alpha = cache.get("alpha")
+                alpha = stats.alpha if stats is not None else None
                 if alpha is None:
                     alpha = kernels.kept_mass(
-                        q, k, lse, cache["outside"], block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale
+                        q, k, lse, pattern.outside, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale
                     )
             proj = None
             if self.projections.trained or torch.is_grad_enabled():  # untrained layers are zeros: skipped
                 proj = self.projections.get(call.site_index, d, q.device)
-            return combine_linear(o_s, o_l, proj, alpha), lse
-        o_s, lse = kernels.block_sparse_attention(
-            q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, return_lse=True
-        )
-        if cfg.compensation == "reshape":
-            uses = cache["sparse_since_refresh"]
-            cache["sparse_since_refresh"] = uses + 1
-            residual = cache["residual"].to(q.device, non_blocking=True)
-            out = reshape_output(o_s, cache["rho"], residual, ramp=cfg.ramp, uses=uses, clamp=cfg.rho_clamp)
-            return out, lse
-        return o_s, lse
+            out = combine_linear(o_s, o_l, proj, alpha)
+        else:
+            out, lse = kernels.block_sparse_attention(
+                q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, return_lse=True
+            )
+            if cfg.compensation == "reshape":
+                assert stats is not None and stats.rho is not None and stats.residual is not None
+                uses = stats.sparse_uses
+                stats.sparse_uses = uses + 1
+                residual = stats.residual.to(q.device, non_blocking=True)
+                out = reshape_output(out, stats.rho, residual, ramp=cfg.ramp, uses=uses, clamp=cfg.rho_clamp)
+        if cfg.refresh_drift > 0 and stats is not None and stats.lse_ref is not None:
+            branch.drift = lse_drift(lse, stats.lse_ref)  # read once per forward by the site group
+        return out

@@ -35,9 +35,10 @@ from diffusers.pipelines.wan.pipeline_wan_video2video import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 from torch.overrides import TorchFunctionMode
 
+from ..core import SiteGroup, SiteStats
 from ..layout import TokenLayout
-from ..methods import ComposedMethod, Method, SiteCall
-from ..runtime import remove_hook
+from ..methods import ComposedMethod, Method
+from ..runtime import bind_sdpa, remove_hook
 from ..state import DenoiseState
 from .freeswim_window import WindowGeometry, freeswim_scale, window_geometry
 
@@ -69,16 +70,17 @@ class Branch(str, Enum):
 
 @dataclass
 class FreeSwimStats:
-    """Counters of one refinement (JSON-serialisable through :meth:`as_dict`)."""
+    """Counters of one refinement (JSON-serialisable through :meth:`as_dict`).
+
+    FreeSwim's own counters (steps, branches, the cross-attention cache); the window branch's attention calls
+    are counted by the site core (:attr:`sites`), like every other integration's.
+    """
 
     steps: int = 0
     guide_steps: list[int] = field(default_factory=list)
     full_forwards: int = 0
     window_forwards: int = 0
     full_self_attention_calls: int = 0
-    window_calls: int = 0
-    window_dense: Counter = field(default_factory=Counter)
-    density_sum: Any = 0.0
     attn2_computed: int = 0  # by F, stored in the cache
     attn2_reused: int = 0  # W conditional: F's cached output used instead of computing attn2
     attn2_plain: int = 0  # W unconditional: attn2 computed as usual
@@ -86,18 +88,37 @@ class FreeSwimStats:
     cache_bytes_peak: int = 0
     cache_dtype: str = "auto"
     cache_device: str = "same"
+    sites: SiteGroup | None = None  # W's self-attention sites
+
+    def _window(self) -> SiteStats:
+        total = SiteStats()
+        for site in self.sites.sites if self.sites is not None else ():
+            total.add(site.stats)
+        return total
+
+    @property
+    def window_calls(self) -> int:
+        """W's self-attention calls that ran sparse (the inward window)."""
+        return self._window().sparse_calls
+
+    @property
+    def window_dense(self) -> Counter:
+        """W's self-attention calls that stayed dense, by reason (``dit_accel.core.DENSE_REASONS``)."""
+        return self._window().dense_reasons
 
     def as_dict(self) -> dict[str, Any]:
-        density = float(self.density_sum) / self.window_calls if self.window_calls else None
+        window = self._window()
+        density = float(window.density_sum) / window.sparse_calls if window.sparse_calls else None
         return {
             "steps": self.steps,
             "guide_steps": list(self.guide_steps),
             "full_forwards": self.full_forwards,
             "window_forwards": self.window_forwards,
             "full_self_attention_calls": self.full_self_attention_calls,
-            "window_calls": self.window_calls,
-            "window_dense_calls": dict(self.window_dense),
+            "window_calls": window.sparse_calls,
+            "window_dense_calls": dict(window.dense_reasons),
             "window_block_density": density,
+            "window_pattern_builds": window.pattern_builds,
             "attn2_computed": self.attn2_computed,
             "attn2_reused": self.attn2_reused,
             "attn2_plain": self.attn2_plain,
@@ -299,6 +320,8 @@ class FreeSwimHooks:
             )
         patch = transformer.config.patch_size
         self.patch = tuple(int(p) for p in patch)
+        #: W's self-attention sites (the site core); its method follows the window geometry of the call
+        self.sites: SiteGroup | None = None
         self.stats = FreeSwimStats(
             cache_dtype=str(options.torch_cache_dtype).removeprefix("torch.") if options.cache_dtype else "auto",
             cache_device="cpu" if options.cache_offload else "same",
@@ -310,7 +333,6 @@ class FreeSwimHooks:
         self.method: Method | None = None
         self._layout: TokenLayout | None = None
         self._cache: list[torch.Tensor | None] = [None] * len(self.blocks)
-        self._pattern_cache: dict[str, Any] = {}
         self._step = -1
         self._calls = 0
         self._last_t: float | None = None
@@ -345,7 +367,8 @@ class FreeSwimHooks:
 
     def clear_cache(self) -> None:
         self._cache = [None] * len(self.blocks)
-        self._pattern_cache.clear()
+        if self.sites is not None:
+            self.sites.new_generation()
         self.stats.cache_bytes = 0
 
     def __enter__(self) -> FreeSwimHooks:
@@ -366,7 +389,11 @@ class FreeSwimHooks:
             )
             self.method = self.method_factory(self.geometry)
             self._layout = TokenLayout(grid)
-            self._pattern_cache.clear()
+            if self.sites is None:
+                self.sites = SiteGroup(self.method.config, method=self.method)
+                self.stats.sites = self.sites
+            else:
+                self.sites.use_method(self.method)
 
     def _forward(self, forward: Callable[..., Any], module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         bound = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
@@ -401,14 +428,17 @@ class FreeSwimHooks:
 
     def _run(self, branch: Branch, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.branch = branch
-        before = self.stats.window_calls + sum(self.stats.window_dense.values())
+        window = self.stats._window()
+        before = window.sparse_calls + window.dense_calls
         full_before = self.stats.full_self_attention_calls
         out = forward(*args, **kwargs)
         if branch is Branch.FULL:
             seen = self.stats.full_self_attention_calls > full_before
         else:
             self.stats.window_forwards += 1
-            seen = self.stats.window_calls + sum(self.stats.window_dense.values()) > before
+            window = self.stats._window()
+            seen = window.sparse_calls + window.dense_calls > before
+            self.sites.end_forward()  # type: ignore[union-attr]
         if not seen:
             raise RuntimeError(
                 "FreeSwim intercepted no self-attention call: the attention backend does not call "
@@ -418,42 +448,21 @@ class FreeSwimHooks:
 
     # -- attn1 -------------------------------------------------------------------------------------------------
     def _self_attention(self, site: int, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        bound = dict(zip(names, args))
-        bound.update(kwargs)
+        bound = bind_sdpa(args, kwargs)
         if self.scale is not None and bound.get("scale") is None:
             bound["scale"] = self.scale
         if self.branch is Branch.FULL:
             self.stats.full_self_attention_calls += 1
             return func(**bound)
-        q, k, v = bound["query"], bound["key"], bound["value"]
-        reason = self._dense_reason(q, k, bound)
-        if reason is not None:
-            self.stats.window_dense[reason] += 1
-            return func(**bound)
-        assert self.method is not None and self._layout is not None
+        assert self.sites is not None
         state = DenoiseState(
             step=self._step, branch=self.branch.value, layout=self._layout, timestep=self._last_t, active=True
         )
-        call = SiteCall(
-            q=q, k=k, v=v, scale=bound.get("scale"), config=self.method.config, state=state, layout=self._layout,
-            site_index=site, site_name=f"blocks.{site}.attn1", cache=self._pattern_cache,
+        return self.sites.site(site, f"blocks.{site}.attn1").attend(
+            bound["query"], bound["key"], bound["value"], state=state, dense=lambda: func(**bound),
+            scale=bound.get("scale"), attn_mask=bound.get("attn_mask"), is_causal=bool(bound.get("is_causal")),
+            dropout_p=bound.get("dropout_p") or 0.0, enable_gqa=bool(bound.get("enable_gqa")),
         )  # fmt: skip
-        result = self.method.attend(call)
-        self.stats.window_calls += 1
-        density = result.density.detach() if isinstance(result.density, torch.Tensor) else result.density
-        self.stats.density_sum = self.stats.density_sum + density
-        return result.out.to(q.dtype)
-
-    def _dense_reason(self, q: torch.Tensor, k: torch.Tensor, bound: dict[str, Any]) -> str | None:
-        if q.dim() != 4 or k.shape[-2] != q.shape[-2]:
-            return "layout"
-        if self._layout is None or self._layout.total_tokens != q.shape[-2]:
-            return "no_layout"
-        mask = bound.get("attn_mask")
-        if mask is not None or bound.get("is_causal") or bound.get("dropout_p", 0.0) or bound.get("enable_gqa"):
-            return "attn_args"
-        return None
 
     # -- attn2 cache -------------------------------------------------------------------------------------------
     def _cache_fits(self, batch: int, tokens: int) -> bool:

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from dit_accel.methods import SiteCall, build_method
+from dit_accel.site_state import BranchState
 from dit_accel.state import DenoiseState
 
 OVERRIDE = "optimized_attention_override"
@@ -73,7 +74,7 @@ def test_dense_blocks_and_min_tokens_decline(comfy):
     patched = comfy.node.apply_sparse_attention(base, "blocktopk", 0.5, 0.0, 1.0, "0", 0)
     patch = patched.model_options["transformer_options"][OVERRIDE]._dit_accel_patch
     comfy.sample(patched, SIGMAS)
-    assert patch.dense_reasons["dense_block"] == 4 and patch.sparse_calls == 4  # block 0 dense, block 1 sparse
+    assert patch.dense_reasons["dense_layer"] == 4 and patch.sparse_calls == 4  # block 0 dense, block 1 sparse
 
     short = comfy.node.apply_sparse_attention(base, "blocktopk", 0.5, 0.0, 1.0, "", 4096)
     patch = short.model_options["transformer_options"][OVERRIDE]._dit_accel_patch
@@ -96,7 +97,7 @@ def test_in_window_self_attention_runs_the_dit_accel_method(comfy):
 
     qh, kh, vh = (t.view(b, s, heads, d).transpose(1, 2) for t in (q, k, v))
     state = DenoiseState(step=2, num_steps=4, branch="0", active=True)
-    call = SiteCall(qh, kh, vh, None, patch.config, state, None, 1, "blocks.1", {})
+    call = SiteCall(qh, kh, vh, None, patch.config, state, None, 1, "blocks.1", BranchState())
     expected = build_method(patch.config).attend(call).out.transpose(1, 2).reshape(b, s, heads * d)
     dense = comfy.attention(q, k, v, heads, transformer_options={})
     assert torch.allclose(out, expected, atol=1e-5)
@@ -129,9 +130,9 @@ def test_prepare_state_reinstalls_on_top_and_cleanup_resets(comfy):
     comfy.sample(patched, SIGMAS)  # no infinite recursion through foreign -> ours -> foreign
     assert seen["foreign"] > 0 and patch.sparse_calls > 0
 
-    patch.caches[(0, "0")] = {"probe": torch.zeros(1)}
+    patch.sites.site(0).branches["0"] = BranchState()
     patched.cleanup()
-    assert not patch.caches and patch.grid is None
+    assert not any(site.branches for site in patch.sites.sites) and patch.grid is None
 
 
 def test_v3_registration(comfy):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from dit_accel.config import resolve_config
 from dit_accel.layout import TokenLayout
 from dit_accel.methods import SiteCall, build_method
+from dit_accel.site_state import BranchState
 from dit_accel.state import DenoiseState
 
 
@@ -23,13 +23,13 @@ def make_call(
     step: int = 0,
     num_steps: int = 10,
     branch: str = "cond",
-    cache: dict[str, Any] | None = None,
+    cache: BranchState | None = None,
     site_index: int = 0,
 ) -> SiteCall:
     state = DenoiseState(step=step, num_steps=num_steps, branch=branch, layout=layout, active=True)
     return SiteCall(
         q=q, k=k, v=v, scale=None, config=config, state=state, layout=layout, site_index=site_index,
-        site_name=f"site{site_index}", cache={} if cache is None else cache,
+        site_name=f"site{site_index}", cache=BranchState() if cache is None else cache,
     )  # fmt: skip
 
 
@@ -55,7 +55,7 @@ def token_mask_from_method(method, call) -> torch.Tensor:
     """The (B, H, N, N) token-level key set the method's cached pattern allows, in native token order."""
     plan = method.plan(call)
     cfg = call.config
-    idx, counts = call.cache["kv_indices"], call.cache["kv_counts"]
+    idx, counts = call.cache.pattern.kv_indices, call.cache.pattern.kv_counts
     n = call.q.shape[2]
     n_k = math.ceil(n / cfg.block_n)
     slot = torch.arange(idx.shape[-1])

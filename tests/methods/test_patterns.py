@@ -146,9 +146,9 @@ def test_topk_keeps_self_and_count(rng):
     layout = TokenLayout(grid=(4, 8, 8))
     q, k, v = qkv(rng, 2, 3, layout.total_tokens)
     method, call, _ = run_method("blocktopk", q, k, v, layout=layout, sparsity=0.5)
-    counts = call.cache["kv_counts"]
+    counts = call.cache.pattern.kv_counts
     assert bool((counts == 2).all())
-    mask = kernels.reference.selected_block_mask(call.cache["kv_indices"], counts, 4)
+    mask = kernels.reference.selected_block_mask(call.cache.pattern.kv_indices, counts, 4)
     assert bool(mask.diagonal(dim1=-2, dim2=-1).all())
 
 
@@ -182,12 +182,12 @@ def test_topk_lut_is_only_as_wide_as_its_longest_possible_row(rng):
     is still listed, and a pattern with full forced rows (text queries) keeps the full width."""
     q, k, v = qkv(rng, 1, 2, 1024)
     _, call, _ = run_method("blocktopk", q, k, v, sparsity=0.75, min_tokens=0)
-    idx, counts = call.cache["kv_indices"], call.cache["kv_counts"]
+    idx, counts = call.cache.pattern.kv_indices, call.cache.pattern.kv_counts
     assert idx.shape[-1] == 4 and int(counts.max()) == 4  # 16 key blocks of 64, a quarter kept
     text = TokenLayout(grid=(2, 16, 16), text_tokens=64, text_first=True)
     q, k, v = qkv(rng, 1, 2, text.total_tokens)
     _, call, _ = run_method("blocktopk", q, k, v, layout=text, sparsity=0.75, min_tokens=0)
-    assert call.cache["kv_indices"].shape[-1] == math.ceil(text.total_tokens / 64)
+    assert call.cache.pattern.kv_indices.shape[-1] == math.ceil(text.total_tokens / 64)
 
 
 def test_keep_count_rounds_half_up_as_documented():

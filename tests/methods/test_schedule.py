@@ -52,7 +52,8 @@ def test_cfg_branches_never_share_state(wan):
 
     def spy(call):
         result = original(call)
-        seen.setdefault((call.site_index, call.state.branch), []).append((id(call.cache), call.cache["residual"]))
+        entry = (id(call.cache), call.cache.statistics.residual)
+        seen.setdefault((call.site_index, call.state.branch), []).append(entry)
         return result
 
     method.attend = spy

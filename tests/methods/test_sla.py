@@ -52,15 +52,15 @@ def test_marginal_set_is_complement_of_critical_and_negligible(rng):
     _, call, result = run_method("sla-paper", q, k, v, layout=LAYOUT, sparsity=0.5, negligible=0.25, tiled=False)
     cache = call.cache
     n_k = 4
-    critical = kernels.reference.selected_block_mask(cache["kv_indices"], cache["kv_counts"], n_k)
-    negligible = cache["negligible"]
+    critical = kernels.reference.selected_block_mask(cache.pattern.kv_indices, cache.pattern.kv_counts, n_k)
+    negligible = cache.pattern.negligible
     assert int(negligible.sum(-1).max()) == 1 and not bool((critical & negligible).any())
     marginal = ~critical & ~negligible
     assert bool((critical | negligible | marginal).all())
     # the linear branch covers exactly the marginal keys
     token = torch.arange(LAYOUT.total_tokens) // 64
     o_s, o_l, _ = kernels.sparse_linear_attention(
-        q, k, v, cache["kv_indices"], cache["kv_counts"], block_m=64, block_n=64, negligible=negligible
+        q, k, v, cache.pattern.kv_indices, cache.pattern.kv_counts, block_m=64, block_n=64, negligible=negligible
     )
     for h in range(2):
         key_mask = marginal[0, h][token][:, token].double()
@@ -86,10 +86,10 @@ def test_mass_estimate_tracks_the_true_kept_mass(rng):
     _, call, _ = run_method("sla", q, k, v, layout=LAYOUT, sparsity=0.5, tiled=False)
     cache = call.cache
     o_s, lse_s = kernels.block_sparse_attention(
-        q, k, v, cache["kv_indices"], cache["kv_counts"], block_m=64, block_n=64
+        q, k, v, cache.pattern.kv_indices, cache.pattern.kv_counts, block_m=64, block_n=64
     )
     _, lse_full = brute_attention(q, k, v)
     true = torch.exp(lse_s.double() - lse_full)
-    est = kernels.kept_mass(q, k, lse_s, cache["outside"], block_m=64, block_n=64).double()
+    est = kernels.kept_mass(q, k, lse_s, cache.pattern.outside, block_m=64, block_n=64).double()
     assert float((est - true).abs().mean()) < 0.05
     assert bool((est > 0).all()) and bool((est <= 1).all())

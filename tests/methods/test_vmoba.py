@@ -106,7 +106,7 @@ def test_self_block_always_in(rng, select):
             compensation="none",
             refresh_every=0,
         )
-        n_b = call.cache["kv_counts"].shape[-1]
-        mask = kernels.reference.selected_block_mask(call.cache["kv_indices"], call.cache["kv_counts"], n_b)
+        n_b = call.cache.pattern.kv_counts.shape[-1]
+        mask = kernels.reference.selected_block_mask(call.cache.pattern.kv_indices, call.cache.pattern.kv_counts, n_b)
         assert bool(mask.diagonal(dim1=-2, dim2=-1).all())
         assert float(result.density) < 1.0

@@ -23,8 +23,8 @@ import torch
 
 # Absolute imports: when this folder is loaded as a ComfyUI custom node it is a top-level package of its own.
 from dit_accel.config import DEFAULT_METHOD, METHODS, PRESETS, AccelConfig, resolve_config
+from dit_accel.core import SiteGroup
 from dit_accel.layout import TokenLayout
-from dit_accel.methods import SiteCall, build_method
 from dit_accel.state import DenoiseState
 
 __all__ = [
@@ -91,22 +91,21 @@ class SparseAttentionPatch:
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(f"start_percent={start_percent}, end_percent={end_percent}: need 0 <= start <= end <= 1")
         self.config = config
-        self.method = build_method(config)
+        # the site core (dense decision, schedule, per-block state, stats); the grid check below stands for the
+        # layout, and anything beside the latent grid may be text, so a missing layout stays dense
+        self.sites = SiteGroup(config, text_tokens=True)
         self.start_percent = float(start_percent)
         self.end_percent = float(end_percent)
         self.sigma_start = sigma_start
         self.sigma_end = sigma_end
         self.verbose = verbose
         self.previous: Callable[..., Any] | None = None
-        self.caches: dict[tuple[int, str], dict[str, Any]] = {}
         self.grid: tuple[int, int, int] | None = None
         self.self_calls = 0
         self.generation = 0
         self._last_step = -1
-        self.sparse_calls = 0
-        self.dense_reasons: Counter = Counter()
-        self.density_sum = 0.0
         self._logged: set[str] = set()
+        self._declined: Counter = Counter()
         self._local = threading.local()
         self.override = self._make_override()
 
@@ -130,21 +129,39 @@ class SparseAttentionPatch:
         self.previous = current
         transformer_options[OVERRIDE] = self.override
 
+    @property
+    def method(self) -> Any:
+        return self.sites.method
+
+    @property
+    def sparse_calls(self) -> int:
+        """Calls that ran through dit_accel (sparse or refresh)."""
+        overall = self.sites.stats()["overall"]
+        return overall["sparse_calls"] + overall["refresh_calls"]
+
+    @property
+    def dense_reasons(self) -> Counter:
+        """Calls handed back to ComfyUI, by reason (``dit_accel.core.DENSE_REASONS``)."""
+        total: Counter = Counter(self._declined)
+        for site in self.sites.sites:
+            total.update(site.stats.dense_reasons)
+        return total
+
     def reset(self) -> None:
         """Forget caches and the step position (a sampling run ended)."""
-        self.caches.clear()
+        self.sites.new_generation()
         self.grid = None
         self.self_calls = 0
         self._last_step = -1
 
     def stats(self) -> dict[str, Any]:
-        dense = sum(self.dense_reasons.values())
+        reasons = self.dense_reasons
         return {
             "method": self.config.method,
             "sparse_calls": self.sparse_calls,
-            "dense_calls": dense,
-            "dense_reasons": dict(self.dense_reasons),
-            "block_density": self.density_sum / self.sparse_calls if self.sparse_calls else None,
+            "dense_calls": sum(reasons.values()),
+            "dense_reasons": dict(reasons),
+            "block_density": self.sites.stats()["overall"]["block_density"],
         }
 
     # ----------------------------------------------------------------------------------------- callbacks
@@ -181,13 +198,19 @@ class SparseAttentionPatch:
 
     # ----------------------------------------------------------------------------------------- attention
     def _decline(self, reason: str, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-        self.dense_reasons[reason] += 1
-        if self.verbose and reason not in self._logged:
+        """Calls that never reach a site (not attention the core can read) are counted here."""
+        self._declined[reason] += 1
+        return self._fallback(reason, func, args, kwargs)
+
+    def _fallback(self, reason: str, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        if self.verbose:
+            self._log(reason)
+        return self._raw(func, args, kwargs)
+
+    def _log(self, reason: str) -> None:
+        if reason not in self._logged:
             self._logged.add(reason)
             log.info("dit_accel: attention stays dense (%s)", reason)
-        if self.previous is not None:
-            return self.previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
 
     def _in_window(self, sigma: float | None, step: int | None, steps: int | None) -> bool:
         if sigma is not None and self.sigma_start is not None and self.sigma_end is not None:
@@ -222,65 +245,51 @@ class SparseAttentionPatch:
         if block is None:
             block = self.self_calls
         self.self_calls += 1
-        if bound.get("mask") is not None:
-            return self._decline("attn_mask", func, args, kwargs)
         skip_reshape = bool(bound.get("skip_reshape", False))
         if skip_reshape:
             qh, kh, vh = q, k, v  # (B, H, S, D)
         else:
             b, s, _ = q.shape
             qh, kh, vh = (t.view(b, s, int(heads), -1).transpose(1, 2) for t in (q, k, v))
-        tokens = qh.shape[2]
-        if tokens < self.config.min_tokens:
-            return self._decline("min_tokens", func, args, kwargs)
-        if int(block) in self.config.dense_layers:
-            return self._decline("dense_block", func, args, kwargs)
         sigma = _scalar(options.get("sigmas"))
         step, steps = step_from_sigmas(options.get("sigmas"), options.get("sample_sigmas"))
-        if not self._in_window(sigma, step, steps):
-            return self._decline("outside_window", func, args, kwargs)
+        reason = None if self._in_window(sigma, step, steps) else "outside_window"
         if step is not None and step < self._last_step:
-            self.caches.clear()  # a new sampling run started without a clean-up
+            self.sites.new_generation()  # a new sampling run started without a clean-up
             self.generation += 1
         if step is not None:
             self._last_step = step
         branch = "-".join(str(c) for c in options.get("cond_or_uncond", [])) or "pass0"
-        if self.grid is None or self.grid[0] * self.grid[1] * self.grid[2] != tokens:
-            # text (joint attention) or other tokens beside the latent grid: a pattern would sparsify them
-            return self._decline("no_layout", func, args, kwargs)
-        layout = TokenLayout(grid=self.grid)
+        tokens = qh.shape[2]
+        grid = self.grid
+        layout = TokenLayout(grid=grid) if grid is not None and grid[0] * grid[1] * grid[2] == tokens else None
         state = DenoiseState(
-            step=step if step is not None else 0,
-            num_steps=steps,
-            branch=branch,
-            generation=self.generation,
-            timestep=sigma,
-            layout=layout,
-            active=True,
-        )
-        call = SiteCall(
-            q=qh,
-            k=kh,
-            v=vh,
-            scale=None,
-            config=self.config,
-            state=state,
-            layout=layout,
-            site_index=int(block),
-            site_name=f"blocks.{block}",
-            cache=self.caches.setdefault((int(block), branch), {}),
-        )
-        reason = self.method.dense_reason(call)
-        if reason is not None:
-            return self._decline(reason, func, args, kwargs)
-        result = self.method.attend(call)
-        self.sparse_calls += 1
-        self.density_sum += float(result.density)
-        out = result.out.to(q.dtype)
-        if bool(bound.get("skip_output_reshape", False)):
-            return out
-        b, h, s, d = out.shape
-        return out.transpose(1, 2).reshape(b, s, h * d)
+            step=step if step is not None else 0, num_steps=steps, branch=branch, generation=self.generation,
+            timestep=sigma, layout=layout, active=True,
+        )  # fmt: skip
+
+        def to_caller(out: torch.Tensor) -> torch.Tensor:
+            out = out.to(q.dtype)
+            if bool(bound.get("skip_output_reshape", False)):
+                return out
+            b, h, s, d = out.shape
+            return out.transpose(1, 2).reshape(b, s, h * d)
+
+        site = self.sites.site(int(block), f"blocks.{block}")
+        before = Counter(site.stats.dense_reasons)
+        out = site.attend(
+            qh, kh, vh, state=state, dense=lambda: self._raw(func, args, kwargs), attn_mask=bound.get("mask"),
+            reason=reason, to_caller=to_caller,
+        )  # fmt: skip
+        if self.verbose:
+            for why in site.stats.dense_reasons - before:
+                self._log(why)
+        return out
+
+    def _raw(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
 
 
 def apply_sparse_attention(
