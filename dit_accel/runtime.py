@@ -21,6 +21,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch.overrides import TorchFunctionMode
 
 from .config import AccelConfig
+from .kernels.masks import key_padding_from_mask
 from .methods import Method, SiteCall, SparseResult, build_method
 from .parallel import enter_forward
 from .pipelines.families import Family
@@ -287,7 +288,8 @@ class _Site:
         acc = self.accelerator
         state = acc.tracker.state
         config = acc.config
-        reason = self._input_reason(q, k, v, bound)
+        key_padding = _key_padding(q, k, bound.get("attn_mask"))  # key-padding wiring: no host sync
+        reason = self._input_reason(q, k, v, bound, key_padding)
         if reason is None and not state.active:
             reason = "outside_forward"
         if reason is None and q.shape[-2] < config.min_tokens:
@@ -314,6 +316,7 @@ class _Site:
                 site_index=self.index,
                 site_name=self.name,
                 cache=self.caches.setdefault(state.branch, {}),
+                key_padding=key_padding,
             )
             reason = acc.method.dense_reason(call)
         if reason is not None:
@@ -344,7 +347,9 @@ class _Site:
             self.stats.video_density_calls += 1
 
     @staticmethod
-    def _input_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bound: dict[str, Any]) -> str | None:
+    def _input_reason(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bound: dict[str, Any], key_padding: torch.Tensor | None
+    ) -> str | None:
         if q.dim() != 4 or k.dim() != 4:
             return "layout"
         if q.shape[-2] != k.shape[-2]:
@@ -355,10 +360,16 @@ class _Site:
             return "causal"
         if bound.get("dropout_p", 0.0):
             return "dropout"
-        mask = bound.get("attn_mask")
-        if mask is not None and not (mask.dtype == torch.bool and bool(mask.all())):
-            return "attn_mask"
+        if bound.get("attn_mask") is not None and key_padding is None:
+            return "attn_mask"  # not provably a boolean key-padding mask (see kernels.masks)
         return None
+
+
+def _key_padding(q: torch.Tensor, k: torch.Tensor, mask: Any) -> torch.Tensor | None:
+    """bool (B, N) key padding of SDPA's ``attn_mask`` (True = attend), or None: no mask, or not key padding."""
+    if not isinstance(mask, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
+        return None
+    return key_padding_from_mask(mask, batch=q.shape[0], heads=q.shape[1], n_q=q.shape[-2], n_k=k.shape[-2])
 
 
 def xformers_dense(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -70,9 +70,11 @@ class ComposedMethod(Method):
             cache["kv_indices"], cache["kv_counts"] = idx, counts
         return idx, counts
 
-    def _store_pattern(self, call: SiteCall, plan: Plan, q: torch.Tensor, k: torch.Tensor) -> None:
+    def _store_pattern(
+        self, call: SiteCall, plan: Plan, q: torch.Tensor, k: torch.Tensor, kp: torch.Tensor | None = None
+    ) -> None:
         cfg, cache = self.config, call.cache
-        pattern = build_pattern(cfg, plan, q, k, call.layout, call.scale)
+        pattern = build_pattern(cfg, plan, q, k, call.layout, call.scale, key_padding=kp)
         kv_indices, kv_counts = kernels.lut_from_mask(pattern.mask)
         if pattern.max_count is not None:  # as wide as its longest row can be: the kernels tune by that width
             kv_indices = kv_indices[..., : max(1, pattern.max_count)]
@@ -128,24 +130,27 @@ class ComposedMethod(Method):
         step = call.state.step
         plan = self.plan(call)
         q, k, v = call.q, call.k, call.v
+        # key padding (kernel order): the kernels mask its keys, patterns drop its fully masked blocks
+        kp = call.key_padding
         if plan.perm is not None:
             q, k, v = (kernels.permute_tokens(x, plan.perm) for x in (q, k, v))
+            kp = kp.index_select(1, plan.perm) if kp is not None else None
         shape = (plan.n, *q.shape[:2])
         refresh = needs_refresh(cfg, cache, step, shape)
         built = pattern_is_stale(cfg, cache, step, refresh, shape)
         if built:
-            self._store_pattern(call, plan, q, k)
+            self._store_pattern(call, plan, q, k, kp)
         if refresh:
-            out = self._refresh(call, q, k, v)
+            out = self._refresh(call, q, k, v, kp)
             result = SparseResult(out=out, density=1.0, video_density=1.0, kind="refresh", pattern_built=built)
         else:
-            out, lse = self._sparse(call, q, k, v)
+            out, lse = self._sparse(call, q, k, v, kp)
             result = SparseResult(
                 out=out, density=cache["density"], video_density=cache["video_density"], pattern_built=built
             )
             if cfg.refresh_drift > 0 and "lse_ref" in cache and lse_drift(lse, cache["lse_ref"]) > cfg.refresh_drift:
-                self._store_pattern(call, plan, q, k)
-                out = self._refresh(call, q, k, v)
+                self._store_pattern(call, plan, q, k, kp)
+                out = self._refresh(call, q, k, v, kp)
                 result = SparseResult(
                     out=out, density=1.0, video_density=1.0, kind="refresh", pattern_built=True, adaptive=True
                 )
@@ -153,17 +158,20 @@ class ComposedMethod(Method):
             result.out = kernels.permute_tokens(result.out, plan.inv)
         return result
 
-    def _refresh(self, call: SiteCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _refresh(
+        self, call: SiteCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: torch.Tensor | None = None
+    ) -> torch.Tensor:
         cfg, cache = self.config, call.cache
         b, h = q.shape[:2]
         cache["refresh_step"] = call.state.step
         cache["refresh_shape"] = (q.shape[2], b, h)
         cache["sparse_since_refresh"] = 0
         if not needs_statistics(cfg) and cfg.refresh_drift <= 0:  # no statistics: the fast dense path
-            return F.scaled_dot_product_attention(q, k, v, scale=call.scale)
+            mask = kp[:, None, None, :] if kp is not None else None
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
         idx, counts = self._lut(cache, b, h)
         o_s, lse_s, o_f, lse_f = kernels.block_sparse_attention_pair(
-            q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale
+            q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, key_padding=kp
         )
         rho, residual = reshape_statistics(o_s, lse_s, o_f, lse_f)
         if cfg.compensation == "reshape":
@@ -180,7 +188,7 @@ class ComposedMethod(Method):
         return o_f
 
     def _sparse(
-        self, call: SiteCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, call: SiteCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, cache = self.config, call.cache
         b, h, _, d = q.shape
@@ -191,22 +199,24 @@ class ComposedMethod(Method):
                 negligible = negligible.expand(b, h, -1, -1)
             o_s, o_l, lse = kernels.sparse_linear_attention(
                 q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, negligible=negligible,
-                feature_map=cfg.feature_map, scale=call.scale,
+                feature_map=cfg.feature_map, scale=call.scale, key_padding=kp,
             )  # fmt: skip
             alpha = None
             if cfg.linear_weight == "mass":
                 alpha = cache.get("alpha")
                 if alpha is None:
                     alpha = kernels.kept_mass(
-                        q, k, lse, cache["outside"], block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale
-                    )
+                        q, k, lse, cache["outside"], block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale,
+                        key_padding=kp,
+                    )  # fmt: skip
             proj = None
             if self.projections.trained or torch.is_grad_enabled():  # untrained layers are zeros: skipped
                 proj = self.projections.get(call.site_index, d, q.device)
             return combine_linear(o_s, o_l, proj, alpha), lse
         o_s, lse = kernels.block_sparse_attention(
-            q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, return_lse=True
-        )
+            q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, return_lse=True,
+            key_padding=kp,
+        )  # fmt: skip
         if cfg.compensation == "reshape":
             uses = cache["sparse_since_refresh"]
             cache["sparse_since_refresh"] = uses + 1
