@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .config import AccelConfig
+from .kernels.masks import key_padding_from_mask
 from .methods import CacheBudgetError, Method, SiteCall, SparseResult, build_method
 from .schedule import dense_reason, resolve_drift
 from .site_state import BranchState
@@ -160,8 +161,12 @@ def input_reason(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     enable_gqa: bool = False,
+    key_padding: torch.Tensor | None = None,
 ) -> str | None:
-    """Why these attention inputs cannot take the sparse path (shape and arguments only: no host sync)."""
+    """Why these attention inputs cannot take the sparse path (shape and arguments only: no host sync).
+
+    ``key_padding`` is what :func:`key_padding_of` read from ``attn_mask``; a mask it could not read stays dense.
+    """
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return "layout"
     if q.shape[-2] != k.shape[-2]:
@@ -172,9 +177,19 @@ def input_reason(
         return "causal"
     if dropout_p:
         return "dropout"
-    if attn_mask is not None:
-        return "attn_mask"
+    if attn_mask is not None and key_padding is None:
+        return "attn_mask"  # not provably a boolean key-padding mask (see dit_accel.kernels.masks)
     return None
+
+
+def key_padding_of(q: Any, k: Any, mask: Any) -> torch.Tensor | None:
+    """bool (B, N) key padding of an SDPA ``attn_mask`` (True = attend), or None: no mask, or not key padding
+    (read from shape and strides only: no host sync)."""
+    if not isinstance(mask, torch.Tensor) or not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+        return None
+    if q.dim() != 4 or k.dim() != 4:
+        return None
+    return key_padding_from_mask(mask, batch=q.shape[0], heads=q.shape[1], n_q=q.shape[-2], n_k=k.shape[-2])
 
 
 class SiteCore:
@@ -259,10 +274,12 @@ class SiteCore:
 
     def _attend(self, q, k, v, state, dense, scale, attn_mask, is_causal, dropout_p, enable_gqa, reason):
         group = self.group
+        key_padding = key_padding_of(q, k, attn_mask)
         if reason is None:
             reason = input_reason(
-                q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=enable_gqa
-            )
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=enable_gqa,
+                key_padding=key_padding,
+            )  # fmt: skip
         if reason is None:
             reason = dense_reason(group.config, self.index, q.shape[-2], state)
         layout = state.layout
@@ -275,6 +292,7 @@ class SiteCore:
             call = SiteCall(
                 q=q, k=k, v=v, scale=scale, config=group.config, state=state, layout=layout, site_index=self.index,
                 site_name=self.name, cache=self.branches.setdefault(state.branch, BranchState()),
+                key_padding=key_padding,
             )  # fmt: skip
             reason = group.method.dense_reason(call)
         if reason is not None:

@@ -22,6 +22,14 @@ def _embeds(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=_gen(seed))
 
 
+def _padded_mask(tokens: int, real: int) -> torch.Tensor:
+    """A tokenizer's attention mask (1, tokens) for a prompt of ``real`` tokens padded at the end, as real
+    pipelines pad prompts to a fixed length (HunyuanVideo to 256): ones, then zeros."""
+    mask = torch.zeros(1, tokens, dtype=torch.long)
+    mask[:, :real] = 1
+    return mask
+
+
 def _wan(seed: int, image_to_video: bool = False) -> tuple[Any, dict[str, Any]]:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
@@ -166,10 +174,12 @@ def _hunyuan_video(seed: int) -> tuple[Any, dict[str, Any]]:
         text_encoder_2=None,
         tokenizer_2=None,
     )
+    # A padded prompt: 20 real text tokens of 80, so self-attention over 768 video + 80 text tokens gets a (B, 1, 1, N)
+    # key-padding mask with a fully masked last 64-token key block (832..847) and a partly masked one (768..831).
     kwargs = dict(
-        prompt_embeds=_embeds(seed + 1, 1, 16, 16),
+        prompt_embeds=_embeds(seed + 1, 1, 80, 16),
         pooled_prompt_embeds=_embeds(seed + 2, 1, 8),
-        prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        prompt_attention_mask=_padded_mask(80, 20),
         height=128,
         width=128,
         num_frames=9,
@@ -226,9 +236,9 @@ def _ltx_video(seed: int) -> tuple[Any, dict[str, Any]]:
     )
     kwargs = dict(
         prompt_embeds=_embeds(seed + 1, 1, 16, 32),
-        prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        prompt_attention_mask=_padded_mask(16, 11),  # cross-attention only: self-attention sees no mask
         negative_prompt_embeds=_embeds(seed + 2, 1, 16, 32),
-        negative_prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        negative_prompt_attention_mask=_padded_mask(16, 3),
         height=64,
         width=64,
         num_frames=9,
@@ -266,10 +276,10 @@ def _pixart(seed: int) -> tuple[Any, dict[str, Any]]:
     )
     kwargs = dict(
         prompt_embeds=_embeds(seed + 1, 1, 16, 32),
-        prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        prompt_attention_mask=_padded_mask(16, 11),  # cross-attention only: self-attention sees no mask
         negative_prompt=None,
         negative_prompt_embeds=_embeds(seed + 2, 1, 16, 32),
-        negative_prompt_attention_mask=torch.ones(1, 16, dtype=torch.long),
+        negative_prompt_attention_mask=_padded_mask(16, 3),
         height=64,
         width=64,
         num_inference_steps=3,

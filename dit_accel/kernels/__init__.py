@@ -3,6 +3,9 @@
 On CUDA the public functions run the Triton kernels when they are available; everywhere else the exact
 PyTorch references in :mod:`dit_accel.kernels.reference`. ``DIT_ACCEL_KERNELS=triton`` or ``=reference``
 forces one (with ``TRITON_INTERPRET=1`` the Triton kernels run on the CPU, for tests).
+
+The attention functions take an optional ``key_padding`` (bool (B, N), True = attend): SDPA's boolean
+key-padding mask, applied inside the kernels (:func:`key_padding_from_mask` reads it from an ``attn_mask``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import torch
 
 from . import reference
+from .masks import key_padding_from_mask
 
 __all__ = [
     "SUPPORTED_BLOCK_SIZES",
@@ -19,6 +23,8 @@ __all__ = [
     "block_sparse_attention",
     "dense_attention",
     "kept_mass",
+    "key_blocks_alive",
+    "key_padding_from_mask",
     "lut_from_mask",
     "mean_pool",
     "reference",
@@ -72,17 +78,20 @@ def block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = True,
     return_mass: bool = False,
+    key_padding: torch.Tensor | None = None,
 ):
     """Block-sparse attention over a per-(batch, head, query block) LUT of key blocks.
 
     Returns ``(out, lse)`` (``lse`` float32 (B, H, N), natural log) or ``out`` alone with ``return_lse=False``;
     ``return_mass`` appends the per-(query block, LUT slot) attention mass (float32 (B, H, n_q, max_blocks)).
+    ``key_padding`` (bool (B, N), True = attend) masks keys inside the listed blocks; a row left with no key
+    gets 0 and ``lse`` -inf (SDPA's answer for a fully masked row).
     See :mod:`dit_accel.kernels.reference` for the layout of ``kv_indices`` and ``kv_counts``.
     """
     _check_block(block_m, block_n)
     return _impl("block_sparse_attention", q.device)(
         q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
-        return_mass=return_mass,
+        return_mass=return_mass, key_padding=key_padding,
     )  # fmt: skip
 
 
@@ -96,12 +105,13 @@ def block_sparse_attention_pair(
     block_m: int,
     block_n: int,
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(o_sparse, lse_sparse, o_full, lse_full)`` of one call: what a Re-ttention refresh step needs, computed
-    in one pass over the key blocks by the Triton kernel."""
+    in one pass over the key blocks by the Triton kernel; ``key_padding`` masks keys in both."""
     _check_block(block_m, block_n)
     return _impl("block_sparse_attention_pair", q.device)(
-        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale
+        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding
     )
 
 
@@ -117,16 +127,18 @@ def sparse_linear_attention(
     negligible: torch.Tensor | None = None,
     feature_map: str = "softmax",
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SLA's fused sparse + linear attention: ``(o_sparse, o_linear, lse)``.
 
     ``o_sparse``/``lse`` are :func:`block_sparse_attention`'s; ``o_linear`` is linear attention (``feature_map``
-    ``"softmax"`` or ``"elu"``) over the key blocks neither selected nor ``negligible``, 0 where none is left.
+    ``"softmax"`` or ``"elu"``) over the key blocks neither selected nor ``negligible``, 0 where none is left;
+    keys masked by ``key_padding`` enter neither branch.
     """
     _check_block(block_m, block_n)
     return _impl("sparse_linear_attention", q.device)(
         q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, negligible=negligible,
-        feature_map=feature_map, scale=scale,
+        feature_map=feature_map, scale=scale, key_padding=key_padding,
     )  # fmt: skip
 
 
@@ -139,16 +151,28 @@ def kept_mass(
     block_m: int,
     block_n: int,
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Estimated softmax mass (float32 (B, H, N)) the selected blocks hold per row, from the skipped blocks'
-    key moments (``outside``: bool (B or 1, H or 1, n_q, n_k)); see :func:`reference.kept_mass`."""
+    key moments (``outside``: bool (B or 1, H or 1, n_q, n_k)), kept keys only with ``key_padding``; see
+    :func:`reference.kept_mass`."""
     _check_block(block_m, block_n)
-    return _impl("kept_mass", q.device)(q, k, lse_sparse, outside, block_m=block_m, block_n=block_n, scale=scale)
+    return _impl("kept_mass", q.device)(
+        q, k, lse_sparse, outside, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding
+    )
 
 
-def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Tensor:
-    """Block means (float32 (B, H, ceil(N/block), D)); ``smooth`` subtracts the mean token first (smooth-K)."""
-    return _impl("mean_pool", x.device)(x, block, smooth=smooth)
+def mean_pool(
+    x: torch.Tensor, block: int, *, smooth: bool = False, key_padding: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Block means (float32 (B, H, ceil(N/block), D)); ``smooth`` subtracts the mean token first (smooth-K);
+    with ``key_padding`` both means cover the kept tokens only (a fully masked block gives 0)."""
+    return _impl("mean_pool", x.device)(x, block, smooth=smooth, key_padding=key_padding)
+
+
+def key_blocks_alive(key_padding: torch.Tensor, block_n: int) -> torch.Tensor:
+    """bool (B, ceil(N/block_n)): key blocks with at least one key ``key_padding`` keeps (device op, no sync)."""
+    return reference.key_blocks_alive(key_padding, block_n)
 
 
 def lut_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,10 +200,12 @@ def pooled_topk_lut(
     forced: torch.Tensor | None = None,
     smooth_k: bool = True,
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled-score top-k prediction straight to a LUT ``(kv_indices, kv_counts)`` (SLA / VSA style)."""
+    """Pooled-score top-k prediction straight to a LUT ``(kv_indices, kv_counts)`` (SLA / VSA style); with
+    ``key_padding`` pooled over kept keys, fully masked key blocks left out."""
     return _impl("pooled_topk_lut", q.device)(
-        q, k, block_m, block_n, k_blocks, forced=forced, smooth_k=smooth_k, scale=scale
+        q, k, block_m, block_n, k_blocks, forced=forced, smooth_k=smooth_k, scale=scale, key_padding=key_padding
     )
 
 
@@ -207,6 +233,13 @@ def _impl(name: str, device: torch.device):
     return getattr(reference, name)
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
+):
     """Full attention with its LSE: ``(out, lse)``; used by methods that need statistics of a dense step."""
-    return reference.dense_attention(q, k, v, scale=scale)
+    return reference.dense_attention(q, k, v, scale=scale, key_padding=key_padding)

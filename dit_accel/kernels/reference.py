@@ -10,6 +10,9 @@ Conventions (shared with the Triton kernels):
   entries first; ``kv_counts`` int32 (B, H, ceil(N / block_m)).
 * ``lse`` is float32 (B, H, N) in natural log.
 * A query block whose count is 0 attends to nothing: its output is 0 and its ``lse`` is ``-inf``.
+* ``key_padding`` (optional, bool (B, N), True = the key takes part) is SDPA's boolean key-padding mask: masked
+  keys get no weight anywhere (softmax, linear sums, pooled means, block moments). A row none of whose keys is
+  left gets output 0 and ``lse`` ``-inf``, as SDPA returns 0 for a fully masked row of a boolean mask.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ __all__ = [
     "inverse_permutation",
     "kept_mass",
     "key_block_moments",
+    "key_blocks_alive",
+    "kept_counts",
     "lut_from_mask",
     "mean_pool",
     "permute_tokens",
@@ -58,17 +63,65 @@ def _check_block_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n) -> Non
         )
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):
+def check_key_padding(key_padding: torch.Tensor | None, b: int, n: int, device: torch.device) -> torch.Tensor | None:
+    """``key_padding`` validated as bool (B, N) on ``device`` (None stays None); a ValueError names what is wrong."""
+    if key_padding is None:
+        return None
+    if not isinstance(key_padding, torch.Tensor) or key_padding.dtype != torch.bool:
+        raise ValueError(f"key_padding must be a bool tensor (B, N) with True = attend; got {key_padding!r:.80}")
+    if tuple(key_padding.shape) != (b, n):
+        raise ValueError(f"key_padding must be (B, N) = ({b}, {n}); got {tuple(key_padding.shape)}")
+    if key_padding.device != torch.device(device):
+        raise ValueError(f"key_padding must be on {device}, the device of q; got {key_padding.device}")
+    return key_padding
+
+
+def _padded_keys(key_padding: torch.Tensor | None, n: int, block: int) -> torch.Tensor | None:
+    """bool (B, n_blocks, block): key_padding padded with False past N, one row per key block (None stays None)."""
+    if key_padding is None:
+        return None
+    n_blocks = math.ceil(n / block)
+    return torch.nn.functional.pad(key_padding, (0, n_blocks * block - n), value=False).view(-1, n_blocks, block)
+
+
+def key_blocks_alive(key_padding: torch.Tensor, block_n: int) -> torch.Tensor:
+    """bool (B, ceil(N/block_n)): key blocks holding at least one key that ``key_padding`` keeps (no host sync)."""
+    return _padded_keys(key_padding, key_padding.shape[1], block_n).any(-1)
+
+
+def kept_counts(key_padding: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 (B, ceil(N/block)): keys per block that ``key_padding`` keeps (0 for a fully masked block)."""
+    return _padded_keys(key_padding, key_padding.shape[1], block).sum(-1, dtype=torch.float32)
+
+
+def _safe_exp(scores: torch.Tensor, row_lse: torch.Tensor) -> torch.Tensor:
+    """exp(scores - lse) with rows of lse -inf (nothing to attend) giving 0 instead of NaN."""
+    finite = torch.isfinite(row_lse)
+    probs = torch.exp(scores - torch.where(finite, row_lse, torch.zeros_like(row_lse))[..., None])
+    return torch.where(finite[..., None], probs, torch.zeros_like(probs))
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
+):
     """Full attention and its natural-log LSE, a chunk of query rows at a time (never N x N at once)."""
     b, h, n, d = q.shape
+    key_padding = check_key_padding(key_padding, b, k.shape[2], q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     kf, vf = k.float(), v.float()
     rows = max(1, _GATHER_BUDGET // max(1, b * h * k.shape[2]))
     outs, lses = [], []
     for start in range(0, n, rows):
         scores = torch.matmul(q[:, :, start : start + rows].float(), kf.transpose(-1, -2)) * scale
+        if key_padding is not None:
+            scores = scores.masked_fill(~key_padding[:, None, None, :], float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)
-        outs.append(torch.matmul(torch.exp(scores - row_lse[..., None]), vf))
+        outs.append(torch.matmul(_safe_exp(scores, row_lse), vf))
         lses.append(row_lse)
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
 
@@ -85,6 +138,7 @@ def block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = True,
     return_mass: bool = False,
+    key_padding: torch.Tensor | None = None,
 ):
     """Attention of each query block to its listed key blocks only, exact, in float32 internally.
 
@@ -95,6 +149,7 @@ def block_sparse_attention(
     """
     _check_block_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)
     b, h, n, d = q.shape
+    key_padding = check_key_padding(key_padding, b, n, q.device)
     dv = v.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     n_qb = math.ceil(n / block_m)
@@ -110,6 +165,7 @@ def block_sparse_attention(
     pad_q = n_qb * block_m - n
     qf = torch.nn.functional.pad(q.float(), (0, 0, 0, pad_q)).view(b, h, n_qb, block_m, d)
     key_valid = (torch.arange(n_kb * block_n, device=q.device) < n).view(n_kb, block_n)
+    keys_kept = _padded_keys(key_padding, n, block_n)  # (B, n_kb, block_n) or None
 
     out = torch.zeros(b, h, n_qb, block_m, dv, device=q.device, dtype=torch.float32)
     lse = torch.full((b, h, n_qb, block_m), float("-inf"), device=q.device, dtype=torch.float32)
@@ -132,13 +188,13 @@ def block_sparse_attention(
         kg = kg.view(b, h, rows, max_blocks * block_n, d)
         vg = vg.view(b, h, rows, max_blocks * block_n, dv)
         valid = used[..., None] & key_valid[idx]  # (B, H, R, M, block_n)
+        if keys_kept is not None:
+            valid = valid & keys_kept[torch.arange(b, device=q.device)[:, None, None, None], idx]
         valid = valid.view(b, h, rows, 1, max_blocks * block_n)
         scores = torch.matmul(qf[:, :, start:stop], kg.transpose(-1, -2)) * scale
         scores = scores.masked_fill(~valid, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # (B, H, R, block_m)
-        finite = torch.isfinite(row_lse)
-        probs = torch.exp(scores - torch.where(finite, row_lse, torch.zeros_like(row_lse))[..., None])
-        probs = torch.where(finite[..., None], probs, torch.zeros_like(probs))
+        probs = _safe_exp(scores, row_lse)
         out[:, :, start:stop] = torch.matmul(probs, vg)
         lse[:, :, start:stop] = row_lse
         if return_mass:
@@ -166,6 +222,7 @@ def block_sparse_attention_pair(
     block_m: int,
     block_n: int,
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(o_sparse, lse_sparse, o_full, lse_full)``: the LUT-restricted and the full attention of one call.
 
@@ -173,9 +230,9 @@ def block_sparse_attention_pair(
     version computes them in one pass over all key blocks, sharing the selected blocks' work.
     """
     o_sparse, lse_sparse = block_sparse_attention(
-        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale
+        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding
     )
-    o_full, lse_full = dense_attention(q, k, v, scale=scale)
+    o_full, lse_full = dense_attention(q, k, v, scale=scale, key_padding=key_padding)
     return o_sparse, lse_sparse, o_full, lse_full
 
 
@@ -209,17 +266,19 @@ def sparse_linear_attention(
     negligible: torch.Tensor | None = None,
     feature_map: str = "softmax",
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SLA: ``(o_sparse, o_linear, lse)``; ``o_sparse`` and ``lse`` are exactly :func:`block_sparse_attention`'s.
 
     ``o_linear`` is linear attention phi(Q_i) S_i / (phi(Q_i) . Z_i) with S_i = sum_j phi(K_j)^T V_j and
     Z_i = sum_j phi(K_j) over the *marginal* key blocks j of query block i: neither selected in the LUT nor marked
     in ``negligible`` (bool (B, H, ceil(N/block_m), ceil(N/block_n)); None marks none). The tail tokens past N
-    never enter the sums. A query block without a marginal block gets ``o_linear = 0`` (nothing to approximate).
-    Computed directly over the marginal blocks here (the kernel subtracts from global sums instead).
+    never enter the sums, nor do keys ``key_padding`` masks; a fully masked key block is never marginal. A query
+    block without a marginal block gets ``o_linear = 0`` (nothing to approximate). Computed directly over the
+    marginal blocks here (the kernel subtracts from global sums instead).
     """
     o_sparse, lse = block_sparse_attention(
-        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale
+        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding
     )
     b, h, n, d = q.shape
     dv = v.shape[-1]
@@ -232,6 +291,9 @@ def sparse_linear_attention(
             )
         marginal &= ~negligible.bool()
     phi_k = feature_map_fn(k, feature_map)
+    if key_padding is not None:
+        marginal &= key_blocks_alive(key_padding, block_n)[:, None, None, :]
+        phi_k = phi_k * key_padding[:, None, :, None]  # masked keys leave S and Z
     pad_k = n_kb * block_n - n
     phi_k = torch.nn.functional.pad(phi_k, (0, 0, 0, pad_k)).view(b, h, n_kb, block_n, d)  # padded rows are 0
     vf = torch.nn.functional.pad(v.float(), (0, 0, 0, pad_k)).view(b, h, n_kb, block_n, dv)
@@ -249,18 +311,30 @@ def sparse_linear_attention(
     return o_sparse, o_linear, lse
 
 
-def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Tensor:
+def mean_pool(
+    x: torch.Tensor, block: int, *, smooth: bool = False, key_padding: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean of each block of ``block`` tokens of (B, H, N, D), float32 (B, H, ceil(N/block), D).
 
     The ragged last block is averaged over its real tokens. ``smooth`` subtracts the mean over all tokens first
     (SageAttention's smooth-K), which leaves a row-wise top-k unchanged but conditions pooled scores better.
+    With ``key_padding`` both means run over the kept tokens only; a fully masked block's mean is 0.
     """
     b, h, n, d = x.shape
+    key_padding = check_key_padding(key_padding, b, n, x.device)
     xf = x.float()
-    if smooth:
-        xf = xf - xf.mean(dim=2, keepdim=True)
     n_blocks = math.ceil(n / block)
     pad = n_blocks * block - n
+    if key_padding is not None:
+        weight = key_padding[:, None, :, None].float()
+        xf = xf * weight
+        if smooth:
+            total = weight.sum(dim=2, keepdim=True).clamp(min=1.0)
+            xf = (xf - xf.sum(dim=2, keepdim=True) / total) * weight
+        sums = torch.nn.functional.pad(xf, (0, 0, 0, pad)).view(b, h, n_blocks, block, d).sum(dim=3)
+        return sums / kept_counts(key_padding, block).clamp(min=1.0)[:, None, :, None]
+    if smooth:
+        xf = xf - xf.mean(dim=2, keepdim=True)
     sums = torch.nn.functional.pad(xf, (0, 0, 0, pad)).view(b, h, n_blocks, block, d).sum(dim=3)
     return sums / block_sizes(n, block, x.device)[:, None]
 
@@ -327,13 +401,25 @@ def threshold_mask(scores: torch.Tensor, tau: float, *, forced: torch.Tensor | N
 
 
 def pooled_scores(
-    q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, *, smooth_k: bool = True, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    *,
+    smooth_k: bool = True,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Block scores (B, H, ceil(N/block_m), ceil(N/block_n)) float32: mean-pooled Q times mean-pooled K, scaled."""
+    """Block scores (B, H, ceil(N/block_m), ceil(N/block_n)) float32: mean-pooled Q times mean-pooled K, scaled.
+
+    With ``key_padding`` the key means cover kept keys only and fully masked key blocks score ``-inf``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     pq = mean_pool(q, block_m)
-    pk = mean_pool(k, block_n, smooth=smooth_k)
-    return torch.matmul(pq, pk.transpose(-1, -2)) * scale
+    pk = mean_pool(k, block_n, smooth=smooth_k, key_padding=key_padding)
+    scores = torch.matmul(pq, pk.transpose(-1, -2)) * scale
+    if key_padding is not None:
+        scores = scores.masked_fill(~key_blocks_alive(key_padding, block_n)[:, None, None, :], float("-inf"))
+    return scores
 
 
 def pooled_topk_lut(
@@ -346,13 +432,20 @@ def pooled_topk_lut(
     forced: torch.Tensor | None = None,
     smooth_k: bool = True,
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SLA/VSA-style prediction: pooled scores, top ``k_blocks`` per query block (plus ``forced``), as a LUT.
 
-    Returns ``(kv_indices, kv_counts)`` exactly as :func:`lut_from_mask` of :func:`topk_mask` of the pooled scores.
+    Returns ``(kv_indices, kv_counts)`` exactly as :func:`lut_from_mask` of :func:`topk_mask` of the pooled scores;
+    with ``key_padding`` the fully masked key blocks are left out of the selection (forced ones too, before the
+    top-k: they take none of the ``k_blocks``).
     """
-    scores = pooled_scores(q, k, block_m, block_n, smooth_k=smooth_k, scale=scale)
-    return lut_from_mask(topk_mask(scores, k_blocks, forced=forced))
+    scores = pooled_scores(q, k, block_m, block_n, smooth_k=smooth_k, scale=scale, key_padding=key_padding)
+    if key_padding is None:
+        return lut_from_mask(topk_mask(scores, k_blocks, forced=forced))
+    alive = key_blocks_alive(key_padding, block_n)[:, None, None, :]
+    forced = forced & alive if forced is not None else None  # a dead forced block takes no slot of the k
+    return lut_from_mask(topk_mask(scores, k_blocks, forced=forced) & alive)
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -372,15 +465,26 @@ def unpermute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return permute_tokens(x, inverse_permutation(perm.to(device=x.device, dtype=torch.long)))
 
 
-def key_block_moments(k: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def key_block_moments(
+    k: torch.Tensor, block_n: int, key_padding: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per key block: mean and variance of its real tokens (float32 (B, H, n_k, D)) and log of its token count
-    (float32 (n_k,)); made on the device (no host copy: capturable in a CUDA graph)."""
+    (float32 (n_k,), or (B, n_k) with ``key_padding``: kept tokens only, ``-inf`` for a fully masked block whose
+    moments are 0); made on the device (no host copy: capturable in a CUDA graph)."""
     b, h, n, d = k.shape
     n_kb = math.ceil(n / block_n)
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, n_kb * block_n - n)).view(b, h, n_kb, block_n, d)
-    counts = block_sizes(n, block_n, k.device)
-    mean = kf.sum(3) / counts[:, None]
-    var = (kf.pow(2).sum(3) / counts[:, None] - mean.pow(2)).clamp(min=0.0)
+    kf = k.float()
+    if key_padding is not None:
+        kf = kf * key_padding[:, None, :, None]
+    kf = torch.nn.functional.pad(kf, (0, 0, 0, n_kb * block_n - n)).view(b, h, n_kb, block_n, d)
+    if key_padding is None:
+        counts = block_sizes(n, block_n, k.device)
+        per_block = counts[:, None]
+    else:
+        counts = kept_counts(key_padding, block_n)  # (B, n_kb)
+        per_block = counts.clamp(min=1.0)[:, None, :, None]
+    mean = kf.sum(3) / per_block
+    var = (kf.pow(2).sum(3) / per_block - mean.pow(2)).clamp(min=0.0)
     return mean, var, counts.log()
 
 
@@ -393,6 +497,7 @@ def kept_mass(
     block_m: int,
     block_n: int,
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 (B, H, N): estimated softmax mass of the selected blocks per row, without a dense pass (SLA's alpha).
 
@@ -400,10 +505,15 @@ def kept_mass(
     + s^2/2 sum_d q_d^2 var(K_j)_d) (a log-normal per block, exact to second order), summed over the skipped
     blocks of the row's query block (``outside``: bool (B or 1, H or 1, n_q, n_k)); the kept mass is
     exp(lse_sparse) over itself plus that sum. Cost O(N n_k D), like pooled scoring with unpooled queries.
+    With ``key_padding`` the moments cover kept keys only; a row whose skipped blocks hold no kept key keeps all
+    its mass (1, also where ``lse_sparse`` is ``-inf``).
     """
     b, h, n, d = q.shape
+    key_padding = check_key_padding(key_padding, b, n, q.device)
     s = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    mean, var, log_count = key_block_moments(k, block_n)
+    mean, var, log_count = key_block_moments(k, block_n, key_padding)
+    if key_padding is not None:
+        log_count = log_count[:, None, None, None, :]  # (B, 1, 1, 1, n_kb) against (B, H, R, bm, n_kb)
     n_kb = mean.shape[2]
     n_qb = math.ceil(n / block_m)
     qpad = torch.nn.functional.pad(q.float(), (0, 0, 0, n_qb * block_m - n)).view(b, h, n_qb, block_m, d)
@@ -417,4 +527,4 @@ def kept_mass(
         logits = logits.masked_fill(~outside[:, :, start : start + rows, None, :], float("-inf"))
         log_out[:, :, start : start + rows] = torch.logsumexp(logits, dim=-1)
     log_out = log_out.view(b, h, n_qb * block_m)[:, :, :n]
-    return torch.sigmoid(lse_sparse.float() - log_out)
+    return torch.where(torch.isneginf(log_out), 1.0, torch.sigmoid(lse_sparse.float() - log_out))

@@ -10,7 +10,9 @@ which is the oracle in the tests. Design points (see docs/kernels.md):
 * K/V come through TMA tensor descriptors where Triton has them and the card is Hopper or newer (an autotuned
   choice), else through plain pointer loads; the same source runs on Triton 3.6 and 3.9;
 * launch configurations are autotuned per card and shape and kept in ``~/.cache/dit_accel/autotune.json``; no
-  launch reads a device value on the host, so every call is CUDA-graph capturable (tune once before capturing).
+  launch reads a device value on the host, so every call is CUDA-graph capturable (tune once before capturing);
+* a ``key_padding`` mask travels as a float32 (B, N) key bias (0 kept, -inf masked) added to the scaled scores
+  (one FMA with the scale), under a ``HAS_KPAD`` constant so calls without a mask compile the code they had.
 """
 
 from __future__ import annotations
@@ -146,6 +148,24 @@ def _scores(q, k, start_n, N, qk_scale, BLOCK_N: tl.constexpr, MASK_N: tl.conste
 
 
 @triton.jit
+def _key_bias(kp_base, start_n, N, TILE_N: tl.constexpr):
+    """The key bias of keys ``start_n..start_n+TILE_N`` (log2 units are the same: 0 or -inf); -inf past N."""
+    offs_n = start_n + tl.arange(0, TILE_N)
+    return tl.load(kp_base + offs_n, mask=offs_n < N, other=float("-inf"))
+
+
+@triton.jit
+def _safe_max(m_new, HAS_KPAD: tl.constexpr):
+    """The softmax reference for a tile: the running max, or 0 while a row has seen only masked keys (so that
+    exp2(-inf - -inf) never makes a NaN). Without key padding every visited tile holds a real key per row."""
+    if HAS_KPAD:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    return m_ref
+
+
+@triton.jit
 def _pv(p, v, FP32: tl.constexpr):
     return _mm(p.to(v.dtype), v, FP32)
 
@@ -165,17 +185,21 @@ def _feature_map(x, valid_cols, PHI: tl.constexpr):
 
 @triton.jit
 def _online_tile(
-    q, k_base, v_base, k_desc, v_desc, kb, sub, m_i, l_i, acc, off_b, off_h, N, stride_kn, stride_vn, D, DV, qk_scale,
-    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, USE_TMA: tl.constexpr,
-    MASK_N: tl.constexpr, MASKED_LOADS: tl.constexpr, FP32: tl.constexpr,
+    q, k_base, v_base, k_desc, v_desc, kp_base, kb, sub, m_i, l_i, acc, off_b, off_h, N, stride_kn, stride_vn, D, DV,
+    qk_scale, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    USE_TMA: tl.constexpr, MASK_N: tl.constexpr, MASKED_LOADS: tl.constexpr, FP32: tl.constexpr,
+    HAS_KPAD: tl.constexpr,
 ):  # fmt: skip
     """One key tile of the online softmax: (m, l, acc) updated in log2 units."""
     start_n = kb * BLOCK_N + sub * TILE_N
     k = _load_rows(k_base, k_desc, off_b, off_h, start_n, N, stride_kn, D, TILE_N, HEAD_D, USE_TMA, MASKED_LOADS)
     qk = _scores(q, k, start_n, N, qk_scale, TILE_N, MASK_N, FP32)
+    if HAS_KPAD:
+        qk = qk + _key_bias(kp_base, start_n, N, TILE_N)[None, :]
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    m_ref = _safe_max(m_new, HAS_KPAD)
+    alpha = tl.math.exp2(m_i - m_ref)
+    p = tl.math.exp2(qk - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_rows(v_base, v_desc, off_b, off_h, start_n, N, stride_vn, DV, TILE_N, HEAD_DV, USE_TMA, MASKED_LOADS)
     acc = _mm_acc(p.to(v.dtype), v, acc * alpha[:, None], FP32)
@@ -189,6 +213,7 @@ def _attend_lut(
     v_base,
     k_desc,
     v_desc,
+    kp_base,
     lut_row,
     count,
     off_b,
@@ -210,6 +235,7 @@ def _attend_lut(
     MASK_KV: tl.constexpr,
     PAD_D: tl.constexpr,
     FP32: tl.constexpr,
+    HAS_KPAD: tl.constexpr,
 ):
     """Online softmax over the ``count`` key blocks listed in ``lut_row``, each in BLOCK_N / TILE_N key tiles;
     returns (m, l, acc) in log2 units. (A 64-key tile keeps a 128 x 128 head-dim-128 program out of spills.)
@@ -231,15 +257,15 @@ def _attend_lut(
     for t in range(0, n_plain):  # one flat loop over key tiles: one body for the software pipeliner
         kb = tl.minimum(tl.maximum(tl.load(lut_row + t // SUBS), 0), hi)
         m_i, l_i, acc = _online_tile(
-            q, k_base, v_base, k_desc, v_desc, kb, t % SUBS, m_i, l_i, acc, off_b, off_h, N, stride_kn, stride_vn,
-            D, DV, qk_scale, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, False, PAD_D, FP32,
+            q, k_base, v_base, k_desc, v_desc, kp_base, kb, t % SUBS, m_i, l_i, acc, off_b, off_h, N, stride_kn,
+            stride_vn, D, DV, qk_scale, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, False, PAD_D, FP32, HAS_KPAD,
         )  # fmt: skip
     if MASK_N:
         for t in range(n_plain, n_tiles):
             kb = tl.minimum(tl.maximum(tl.load(lut_row + t // SUBS), 0), n_kb - 1)
             m_i, l_i, acc = _online_tile(
-                q, k_base, v_base, k_desc, v_desc, kb, t % SUBS, m_i, l_i, acc, off_b, off_h, N, stride_kn,
-                stride_vn, D, DV, qk_scale, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, True, MASK_KV, FP32,
+                q, k_base, v_base, k_desc, v_desc, kp_base, kb, t % SUBS, m_i, l_i, acc, off_b, off_h, N, stride_kn,
+                stride_vn, D, DV, qk_scale, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, True, MASK_KV, FP32, HAS_KPAD,
             )  # fmt: skip
     return m_i, l_i, acc
 
@@ -275,6 +301,7 @@ def _bsa_fwd(
     MASS,
     LUT,
     CNT,
+    KPAD,
     k_desc,
     v_desc,
     sqb,
@@ -317,18 +344,20 @@ def _bsa_fwd(
     WRITE_LSE: tl.constexpr,
     WRITE_MASS: tl.constexpr,
     MASS_ATOMIC: tl.constexpr,
+    HAS_KPAD: tl.constexpr,
 ):
     pid_bh, off_b, off_h, start_m, qb, offs_m = _query_tile(H, BLOCK_M, LUT_BLOCK_M)
     q_base = Q + off_b * sqb + off_h * sqh
     k_base = K + off_b * skb + off_h * skh
     v_base = V + off_b * svb + off_h * svh
+    kp_base = KPAD + off_b * N
     lut_row = LUT + off_b * slb + off_h * slh + qb * slq
     count = tl.load(CNT + off_b * scb + off_h * sch + qb)
 
     q = _load_rows(q_base, q_base, off_b, off_h, start_m, N, sqn, D, BLOCK_M, HEAD_D, False, True)
     m_i, l_i, acc = _attend_lut(
-        q, k_base, v_base, k_desc, v_desc, lut_row, count, off_b, off_h, N, n_kb, skn, svn, D, DV, qk_scale,
-        BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D, FP32,
+        q, k_base, v_base, k_desc, v_desc, kp_base, lut_row, count, off_b, off_h, N, n_kb, skn, svn, D, DV,
+        qk_scale, BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D, FP32, HAS_KPAD,
     )  # fmt: skip
     _store_out_lse(
         O, LSE, O + off_b * sob + off_h * soh, LSE + pid_bh.to(tl.int64) * N, acc, m_i, l_i, offs_m, N, son, DV,
@@ -339,6 +368,7 @@ def _bsa_fwd(
         # Second pass over the row with the final (m, l): exact per-block probability mass, QK^T recomputed.
         has = l_i > 0
         weight = tl.where(has & (offs_m < N), 1.0 / tl.where(has, l_i, 1.0), 0.0)
+        m_safe = tl.where(has, m_i, 0.0)  # a row with no kept key (m = -inf) weighs 0, not NaN
         rows_real = tl.minimum(N - qb * LUT_BLOCK_M, LUT_BLOCK_M).to(tl.float32)
         mass_row = MASS + off_b * smb + off_h * smh + qb * smq
         for i in range(0, count):
@@ -348,7 +378,9 @@ def _bsa_fwd(
                 start_n = kb * BLOCK_N + sub * TILE_N
                 k = _load_rows(k_base, k_desc, off_b, off_h, start_n, N, skn, D, TILE_N, HEAD_D, USE_TMA, MASK_KV)
                 qk = _scores(q, k, start_n, N, qk_scale, TILE_N, MASK_N, FP32)
-                p = tl.math.exp2(qk - m_i[:, None]) * weight[:, None]
+                if HAS_KPAD:
+                    qk = qk + _key_bias(kp_base, start_n, N, TILE_N)[None, :]
+                p = tl.math.exp2(qk - m_safe[:, None]) * weight[:, None]
                 blk += tl.sum(tl.sum(p, 1), 0)
             blk = blk / rows_real
             if MASS_ATOMIC:
@@ -373,6 +405,7 @@ def _pair_fwd(
     LSEF,
     LUT,
     CNT,
+    KPAD,
     k_desc,
     v_desc,
     sqb,
@@ -410,10 +443,12 @@ def _pair_fwd(
     MASK_KV: tl.constexpr,
     PAD_D: tl.constexpr,
     FP32: tl.constexpr,
+    HAS_KPAD: tl.constexpr,
 ):
     """One pass over all key blocks; the sparse state shares the full state's running max, so a selected block's
     p and p @ V are computed once and added to both accumulators."""
     pid_bh, off_b, off_h, start_m, qb, offs_m = _query_tile(H, BLOCK_M, LUT_BLOCK_M)
+    kp_base = KPAD + off_b * N
     q_base = Q + off_b * sqb + off_h * sqh
     k_base = K + off_b * skb + off_h * skh
     v_base = V + off_b * svb + off_h * svh
@@ -436,9 +471,12 @@ def _pair_fwd(
         start_n = t * TILE_N
         k = _load_rows(k_base, k_desc, off_b, off_h, start_n, N, skn, D, TILE_N, HEAD_D, USE_TMA, MASK_KV)
         qk = _scores(q, k, start_n, N, qk_scale, TILE_N, MASK_N, FP32)
+        if HAS_KPAD:
+            qk = qk + _key_bias(kp_base, start_n, N, TILE_N)[None, :]
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
+        m_ref = _safe_max(m_new, HAS_KPAD)
+        alpha = tl.math.exp2(m_i - m_ref)
+        p = tl.math.exp2(qk - m_ref[:, None])
         v = _load_rows(v_base, v_desc, off_b, off_h, start_n, N, svn, DV, TILE_N, HEAD_DV, USE_TMA, MASK_KV)
         pv = _pv(p, v, FP32)
         row = tl.sum(p, 1)
@@ -468,6 +506,7 @@ def _kv_stats(
     PHIK,
     S,
     Z,
+    KPAD,
     skb,
     skh,
     skn,
@@ -485,10 +524,11 @@ def _kv_stats(
     HEAD_DV: tl.constexpr,
     PHI: tl.constexpr,
     FP32: tl.constexpr,
+    HAS_KPAD: tl.constexpr,
 ):
     """phi(K) for ``CHUNK`` keys (stored in the input dtype, (B, H, N, D) contiguous) and the chunk's partial sums
     S_c = phi(K_c)^T V_c, Z_c = sum of phi(K_c) rows (float32, from the stored values, so that the linear branch's
-    per-block terms and the totals agree), tail rows excluded."""
+    per-block terms and the totals agree), tail rows and masked keys (stored as 0) excluded."""
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -504,7 +544,10 @@ def _kv_stats(
         v = _load_rows(V + off_b * svb + off_h * svh, V, off_b, off_h, start_n, N, svn, DV, BLOCK_N, HEAD_DV, False,
                        True)  # fmt: skip
         phik = _feature_map(k.to(tl.float32), cols < D, PHI)
-        phik = tl.where(rows[:, None] < N, phik, 0.0).to(k.dtype)
+        keep = rows < N
+        if HAS_KPAD:
+            keep = keep & (tl.load(KPAD + off_b * N + rows, mask=rows < N, other=float("-inf")) == 0.0)
+        phik = tl.where(keep[:, None], phik, 0.0).to(k.dtype)
         tl.store(phik_base + rows[:, None].to(tl.int64) * D + cols[None, :], phik,
                  mask=(rows[:, None] < N) & (cols[None, :] < D))  # fmt: skip
         s = _mm_acc(tl.trans(phik), v, s, FP32)
@@ -552,6 +595,7 @@ def _sla_fwd(
     PHIK,
     STOT,
     ZTOT,
+    KPAD,
     k_desc,
     v_desc,
     sqb,
@@ -590,6 +634,7 @@ def _sla_fwd(
     PAD_D: tl.constexpr,
     FP32: tl.constexpr,
     PHI: tl.constexpr,
+    HAS_KPAD: tl.constexpr,
 ):
     """Sparse FlashAttention over the LUT, then linear attention over the marginal blocks. The linear sums come
     either from the global sums minus the selected and negligible blocks (SLA's pre-aggregation) or, when fewer
@@ -603,8 +648,8 @@ def _sla_fwd(
 
     q = _load_rows(q_base, q_base, off_b, off_h, start_m, N, sqn, D, BLOCK_M, HEAD_D, False, True)
     m_i, l_i, acc = _attend_lut(
-        q, k_base, v_base, k_desc, v_desc, lut_row, count, off_b, off_h, N, n_kb, skn, svn, D, DV, qk_scale,
-        BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D, FP32,
+        q, k_base, v_base, k_desc, v_desc, KPAD + off_b * N, lut_row, count, off_b, off_h, N, n_kb, skn, svn, D, DV,
+        qk_scale, BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D, FP32, HAS_KPAD,
     )  # fmt: skip
     _store_out_lse(
         O, LSE, O + off_b * sob + off_h * soh, LSE + pid_bh.to(tl.int64) * N, acc, m_i, l_i, offs_m, N, son, DV,
@@ -649,7 +694,7 @@ def _sla_fwd(
 
 @triton.jit
 def _kept_mass_fwd(
-    Q, LSE, MEAN, VAR, LOGC, OUTSIDE, ALPHA, sqb, sqh, sqn, sob, soh, soq, H, N, n_kb, D, scale,
+    Q, LSE, MEAN, VAR, LOGC, OUTSIDE, ALPHA, sqb, sqh, sqn, sob, soh, soq, slcb, H, N, n_kb, D, scale,
     BLOCK_M: tl.constexpr, LUT_BLOCK_M: tl.constexpr, KB: tl.constexpr, HEAD_D: tl.constexpr, FP32: tl.constexpr,
 ):  # fmt: skip
     """alpha = sigmoid(lse_sparse - log sum over the skipped key blocks j of n_j exp(s q.mean_j + s^2/2 q^2.var_j)),
@@ -669,7 +714,7 @@ def _kept_mass_fwd(
         offs = mom + js[:, None].to(tl.int64) * HEAD_D + cols[None, :]
         mean = tl.load(MEAN + offs, mask=ok[:, None], other=0.0)
         var = tl.load(VAR + offs, mask=ok[:, None], other=0.0)
-        logc = tl.load(LOGC + js, mask=ok, other=0.0)
+        logc = tl.load(LOGC + off_b * slcb + js, mask=ok, other=0.0)  # -inf for a block with no kept key
         skipped = tl.load(out_row + js, mask=ok, other=0) != 0
         logits = scale * _mm(q, tl.trans(mean), FP32) + (0.5 * scale * scale) * _mm(q2, tl.trans(var), FP32)
         logits = tl.where(skipped[None, :], logits + logc[None, :], float("-inf"))
@@ -679,7 +724,8 @@ def _kept_mass_fwd(
         m_i = m_new
     log_out = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
-    alpha = 1.0 / (1.0 + tl.exp(log_out - lse))
+    none_out = log_out == float("-inf")  # nothing skipped holds a key: all the mass is kept (also for lse -inf)
+    alpha = tl.where(none_out, 1.0, 1.0 / (1.0 + tl.exp(tl.where(none_out, 0.0, log_out) - lse)))
     tl.store(ALPHA + pid_bh.to(tl.int64) * N + offs_m, alpha, mask=offs_m < N)
 
 
@@ -689,8 +735,12 @@ def _kept_mass_fwd(
 
 
 @triton.jit
-def _pool_mean(X, OUT, sxb, sxh, sxn, H, N, n_blocks, D, POOL: tl.constexpr, TILE: tl.constexpr, HEAD_D: tl.constexpr):
-    """Mean of one block of ``POOL`` tokens (ragged last block: its real tokens), in tiles of TILE rows."""
+def _pool_mean(
+    X, OUT, KPAD, sxb, sxh, sxn, H, N, n_blocks, D, POOL: tl.constexpr, TILE: tl.constexpr, HEAD_D: tl.constexpr,
+    HAS_KPAD: tl.constexpr,
+):  # fmt: skip
+    """Mean of one block of ``POOL`` tokens (ragged last block: its real tokens; with key padding its kept tokens,
+    0 for none), in tiles of TILE rows."""
     j = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -698,13 +748,21 @@ def _pool_mean(X, OUT, sxb, sxh, sxn, H, N, n_blocks, D, POOL: tl.constexpr, TIL
     base = X + off_b * sxb + off_h * sxh
     cols = tl.arange(0, HEAD_D)
     total = tl.zeros([HEAD_D], tl.float32)
+    kept = tl.zeros([TILE], tl.float32)
     start = j * POOL
     for t in tl.static_range(0, POOL, TILE):
         rows = start + t + tl.arange(0, TILE)
-        ok = (rows[:, None] < N) & (rows[:, None] < start + POOL) & (cols[None, :] < D)
+        in_row = (rows < N) & (rows < start + POOL)
+        if HAS_KPAD:
+            in_row = in_row & (tl.load(KPAD + off_b * N + rows, mask=rows < N, other=float("-inf")) == 0.0)
+            kept += in_row.to(tl.float32)
+        ok = in_row[:, None] & (cols[None, :] < D)
         x = tl.load(base + rows[:, None].to(tl.int64) * sxn + cols[None, :], mask=ok, other=0.0)
         total += tl.sum(x.to(tl.float32), 0)
-    real = tl.minimum(N - start, POOL).to(tl.float32)
+    if HAS_KPAD:
+        real = tl.maximum(tl.sum(kept, 0), 1.0)
+    else:
+        real = tl.minimum(N - start, POOL).to(tl.float32)
     tl.store(OUT + (pid_bh.to(tl.int64) * n_blocks + j) * D + cols, total / real, mask=cols < D)
 
 
@@ -958,11 +1016,33 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int) ->
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def _key_bias_tensor(key_padding: torch.Tensor | None, b: int, n: int, device: torch.device) -> torch.Tensor | None:
+    """``key_padding`` (validated) as the kernels' float32 (B, N) key bias: 0 where kept, -inf where masked."""
+    key_padding = reference.check_key_padding(key_padding, b, n, device)
+    if key_padding is None:
+        return None
+    return torch.where(key_padding, 0.0, float("-inf")).to(torch.float32).contiguous()
+
+
 class _Prepared:
     """Validated, kernel-ready views of one attention call's inputs."""
 
-    def __init__(self, q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, scale: float | None):
+    def __init__(
+        self,
+        q,
+        k,
+        v,
+        kv_indices,
+        kv_counts,
+        block_m: int,
+        block_n: int,
+        scale: float | None,
+        key_padding: torch.Tensor | None = None,
+    ):
         _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)
+        bias = _key_bias_tensor(key_padding, q.shape[0], q.shape[2], q.device)
+        self.has_kpad = bias is not None
+        self.kpad = bias if bias is not None else torch.zeros(1, dtype=torch.float32, device=q.device)
         self.q, self.k, self.v = _last_contig(q), _last_contig(k), _last_contig(v)
         self.b, self.h, self.n, self.d = q.shape
         self.dv = v.shape[-1]
@@ -987,8 +1067,10 @@ class _Prepared:
         the best launch at 97% sparsity (few blocks per program) need not be the dense one. The LUT width is a host
         value (no device read), and top-k LUTs are exactly as wide as their rows."""
         bucket = max(0, round(math.log2(self.n_kb / max(1, self.lut.shape[-1])))) if by_sparsity else 0
+        kpad = ("kpad",) if self.has_kpad else ()  # another compiled variant; unmasked keys stay as they were
         return (
-            self.b, self.h, self.n, self.d, self.dv, str(self.q.dtype), self.block_m, self.block_n, *extra, f"w{bucket}"
+            self.b, self.h, self.n, self.d, self.dv, str(self.q.dtype), self.block_m, self.block_n, *extra, *kpad,
+            f"w{bucket}",
         )  # fmt: skip
 
     def descriptors(self, cfg: _Config):
@@ -1012,8 +1094,8 @@ class _Prepared:
         return dict(
             BLOCK_M=cfg["tile_m"], LUT_BLOCK_M=self.block_m, BLOCK_N=self.block_n, TILE_N=cfg["tile_n"],
             HEAD_D=self.head_d, HEAD_DV=self.head_dv, USE_TMA=bool(cfg["tma"]), MASK_N=self.mask_n,
-            MASK_KV=self.mask_kv, PAD_D=self.pad_d, FP32=self.fp32, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            MASK_KV=self.mask_kv, PAD_D=self.pad_d, FP32=self.fp32, HAS_KPAD=self.has_kpad,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
 
 
@@ -1029,9 +1111,10 @@ def block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = True,
     return_mass: bool = False,
+    key_padding: torch.Tensor | None = None,
 ):
     """Triton block-sparse attention; same contract as :func:`reference.block_sparse_attention`."""
-    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale)
+    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale, key_padding)
     out = torch.empty(p.b, p.h, p.n, p.dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.b, p.h, p.n, device=q.device, dtype=torch.float32)
     width = kv_indices.shape[-1] if return_mass else 0
@@ -1044,7 +1127,7 @@ def block_sparse_attention(
         if atomic:
             mass.zero_()
         _bsa_fwd[p.grid(cfg)](
-            p.q, p.k, p.v, out, lse, mass_arg, p.lut, p.cnt, k_desc, v_desc, *p.strides(out),
+            p.q, p.k, p.v, out, lse, mass_arg, p.lut, p.cnt, p.kpad, k_desc, v_desc, *p.strides(out),
             *(mass.stride()[:3] if width > 0 else (0, 0, 0)), p.h, p.n, p.n_kb, p.d, p.dv,
             p.scale * _LOG2E, WRITE_LSE=return_lse, WRITE_MASS=width > 0, MASS_ATOMIC=atomic, **p.consts(cfg),
         )  # fmt: skip
@@ -1068,22 +1151,26 @@ def block_sparse_attention_pair(
     block_m: int,
     block_n: int,
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(o_sparse, lse_sparse, o_full, lse_full)``: cuDNN's dense pass (with its LSE, checked once, see
     :mod:`.dense_lse`) plus the block-sparse kernel where cuDNN serves; else one pass of the pair kernel over all
-    key blocks.
+    key blocks. With ``key_padding`` the pair kernel always answers (the cuDNN path is checked without a mask).
 
     The pair kernel's sparse softmax uses the full row max as its reference, so it is exact unless the selected
     blocks' best score lies more than about 87 nats below the row's overall best (then the sparse sums underflow).
     """
     _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)  # before cuDNN: a bad call must not switch it off
-    dense = dense_lse.dense_with_lse(q, k, v, scale) if q.dtype in (torch.float16, torch.bfloat16) else None
+    reference.check_key_padding(key_padding, q.shape[0], q.shape[2], q.device)
+    dense = None
+    if key_padding is None and q.dtype in (torch.float16, torch.bfloat16):
+        dense = dense_lse.dense_with_lse(q, k, v, scale)
     if dense is not None:
         o_sparse, lse_sparse = block_sparse_attention(
             q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale
         )
         return o_sparse, lse_sparse, dense[0], dense[1]
-    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale)
+    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale, key_padding)
     o_s = torch.empty(p.b, p.h, p.n, p.dv, device=q.device, dtype=q.dtype)
     o_f = torch.empty_like(o_s)
     lse_s = torch.empty(p.b, p.h, p.n, device=q.device, dtype=torch.float32)
@@ -1093,7 +1180,7 @@ def block_sparse_attention_pair(
         k_desc, v_desc = p.descriptors(cfg)
         strides = p.strides(o_s)
         _pair_fwd[p.grid(cfg)](
-            p.q, p.k, p.v, o_s, lse_s, o_f, lse_f, p.lut, p.cnt, k_desc, v_desc, *strides, p.h, p.n, p.n_kb,
+            p.q, p.k, p.v, o_s, lse_s, o_f, lse_f, p.lut, p.cnt, p.kpad, k_desc, v_desc, *strides, p.h, p.n, p.n_kb,
             p.lut.shape[-1], p.d, p.dv, p.scale * _LOG2E, **p.consts(cfg),
         )  # fmt: skip
 
@@ -1115,11 +1202,12 @@ def sparse_linear_attention(
     negligible: torch.Tensor | None = None,
     feature_map: str = "softmax",
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton SLA; same contract as :func:`reference.sparse_linear_attention` (``(o_sparse, o_linear, lse)``)."""
     if feature_map not in _FEATURE_MAPS:
         raise ValueError(f"feature_map={feature_map!r} is not supported; allowed: {', '.join(_FEATURE_MAPS)}")
-    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale)
+    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale, key_padding)
     if negligible is not None and tuple(negligible.shape) != (p.b, p.h, p.n_qb, p.n_kb):
         raise ValueError(
             f"negligible must be (B, H, n_q, n_k) = {(p.b, p.h, p.n_qb, p.n_kb)}; got {tuple(negligible.shape)}"
@@ -1132,8 +1220,8 @@ def sparse_linear_attention(
     s_part = torch.empty(p.b, p.h, n_chunks, p.head_d, p.head_dv, device=dev, dtype=torch.float32)
     z_part = torch.empty(p.b, p.h, n_chunks, p.head_d, device=dev, dtype=torch.float32)
     _kv_stats[(n_chunks, p.b * p.h)](
-        p.k, p.v, phi_k, s_part, z_part, *p.k.stride()[:3], *p.v.stride()[:3], p.h, p.n, n_chunks, p.d, p.dv,
-        CHUNK=chunk, BLOCK_N=64, HEAD_D=p.head_d, HEAD_DV=p.head_dv, PHI=phi, FP32=p.fp32,
+        p.k, p.v, phi_k, s_part, z_part, p.kpad, *p.k.stride()[:3], *p.v.stride()[:3], p.h, p.n, n_chunks, p.d,
+        p.dv, CHUNK=chunk, BLOCK_N=64, HEAD_D=p.head_d, HEAD_DV=p.head_dv, PHI=phi, FP32=p.fp32, HAS_KPAD=p.has_kpad,
         num_warps=4 if p.head_d * p.head_dv <= 64 * 64 else 8,
     )  # fmt: skip
     s_tot = s_part.sum(2)
@@ -1141,6 +1229,8 @@ def sparse_linear_attention(
     # Helper LUTs of the negligible (not selected) and the marginal blocks, so the kernel can pick the cheaper sum.
     selected = reference.selected_block_mask(p.lut, p.cnt, p.n_kb)
     marginal = ~selected
+    if key_padding is not None:  # a fully masked block is never marginal (its phi(K) rows are 0 anyway)
+        marginal = marginal & reference.key_blocks_alive(key_padding, block_n)[:, None, None, :]
     if negligible is not None:
         neg = negligible.to(device=dev, dtype=torch.bool) & marginal
         marginal = marginal & ~neg
@@ -1158,7 +1248,7 @@ def sparse_linear_attention(
         k_desc, v_desc = p.descriptors(cfg)
         _sla_fwd[p.grid(cfg)](
             p.q, p.k, p.v, o_s, o_l, lse, p.lut, p.cnt, neg_lut, neg_cnt, marg_lut, marg_cnt, phi_k, s_tot, z_tot,
-            k_desc, v_desc, *p.strides(o_s), p.h, p.n, p.n_qb, p.n_kb, p.d, p.dv, p.scale * _LOG2E,
+            p.kpad, k_desc, v_desc, *p.strides(o_s), p.h, p.n, p.n_qb, p.n_kb, p.d, p.dv, p.scale * _LOG2E,
             PHI=phi, **p.consts(cfg),
         )  # fmt: skip
 
@@ -1177,6 +1267,7 @@ def kept_mass(
     block_m: int,
     block_n: int,
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton SLA kept-mass estimate; same contract as :func:`reference.kept_mass`."""
     if q.dim() != 4 or k.shape != q.shape:
@@ -1187,7 +1278,10 @@ def kept_mass(
             outside.shape[1] not in (1, h):  # fmt: skip
         raise ValueError(f"outside must be (B or 1, H or 1, {n_qb}, {n_kb}); got {tuple(outside.shape)}")
     head_d = _pow2(d)
-    mean, var, log_count = reference.key_block_moments(k, block_n)
+    key_padding = reference.check_key_padding(key_padding, b, n, q.device)
+    mean, var, log_count = reference.key_block_moments(k, block_n, key_padding)
+    log_count = log_count.contiguous()
+    slcb = n_kb if key_padding is not None else 0  # (B, n_kb) counts with key padding, else one (n_kb,) row
     if head_d != d:
         mean, var = (torch.nn.functional.pad(t, (0, head_d - d)) for t in (mean, var))
     out8 = outside.to(torch.int8).contiguous()
@@ -1199,27 +1293,36 @@ def kept_mass(
     s = 1.0 / math.sqrt(d) if scale is None else float(scale)
     _kept_mass_fwd[(triton.cdiv(n, tile), b * h)](
         q, lse, mean.contiguous(), var.contiguous(), log_count, out8, alpha, *q.stride()[:3], sob, soh,
-        out8.stride(2), h, n, n_kb, d, s, BLOCK_M=tile, LUT_BLOCK_M=block_m, KB=64, HEAD_D=head_d,
+        out8.stride(2), slcb, h, n, n_kb, d, s, BLOCK_M=tile, LUT_BLOCK_M=block_m, KB=64, HEAD_D=head_d,
         FP32=q.dtype == torch.float32, num_warps=8,
     )  # fmt: skip
     return alpha
 
 
-def mean_pool(x: torch.Tensor, block: int, *, smooth: bool = False) -> torch.Tensor:
+def mean_pool(
+    x: torch.Tensor, block: int, *, smooth: bool = False, key_padding: torch.Tensor | None = None
+) -> torch.Tensor:
     """Triton block mean-pooling; same contract as :func:`reference.mean_pool`."""
     if x.dim() != 4:
         raise ValueError(f"x must be (B, H, N, D); got {tuple(x.shape)}")
     x = _last_contig(x)
     b, h, n, d = x.shape
+    bias = _key_bias_tensor(key_padding, b, n, x.device)
     n_blocks = math.ceil(n / block)
     out = torch.empty(b, h, n_blocks, d, device=x.device, dtype=torch.float32)
     tile = min(64, _pow2(block, 1))
     _pool_mean[(n_blocks, b * h)](
-        x, out, *x.stride()[:3], h, n, n_blocks, d, POOL=block, TILE=tile, HEAD_D=_pow2(d, 1), num_warps=4
-    )
-    if smooth:  # mean over blocks weighted by their real sizes = the mean over all tokens
-        sizes = reference.block_sizes(n, block, x.device)
-        out = out - (out * sizes[:, None]).sum(2, keepdim=True) / n
+        x, out, bias if bias is not None else out, *x.stride()[:3], h, n, n_blocks, d, POOL=block, TILE=tile,
+        HEAD_D=_pow2(d, 1), HAS_KPAD=bias is not None, num_warps=4,
+    )  # fmt: skip
+    if smooth:  # mean over blocks weighted by their real (kept) sizes = the mean over all (kept) tokens
+        if key_padding is None:
+            sizes = reference.block_sizes(n, block, x.device)[None, None, :, None]
+            out = out - (out * sizes).sum(2, keepdim=True) / n
+        else:
+            sizes = reference.kept_counts(key_padding, block)[:, None, :, None]
+            mean = (out * sizes).sum(2, keepdim=True) / sizes.sum(2, keepdim=True).clamp(min=1.0)
+            out = torch.where(sizes > 0, out - mean, 0.0)  # a fully masked block stays 0, as in the reference
     return out
 
 
@@ -1299,8 +1402,11 @@ def pooled_topk_lut(
     forced: torch.Tensor | None = None,
     smooth_k: bool = True,
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool (Triton), score (one batched matmul), select top-k and write the LUT (one Triton kernel): four launches.
+    With ``key_padding`` the keys are pooled over kept tokens and the fully masked key blocks are dropped from
+    the selection (two more launches: the mask, then its LUT).
 
     Smooth-K subtracts one vector from every pooled key, which shifts all scores of a row by the same amount, and the
     scale is positive: neither changes a row's top-k, so both are skipped here (the reference applies them; the
@@ -1308,8 +1414,13 @@ def pooled_topk_lut(
     matmul move about 200 MB (tens of microseconds of bandwidth): launches, not work, set its cost."""
     del smooth_k, scale  # see the docstring: the top-k of a row does not depend on them
     pq = mean_pool(q, block_m)
-    pk = mean_pool(k, block_n)
+    pk = mean_pool(k, block_n, key_padding=key_padding)
     scores = torch.matmul(pq, pk.transpose(-1, -2))
+    if key_padding is not None:
+        alive = reference.key_blocks_alive(key_padding, block_n)[:, None, None, :]
+        scores = scores.masked_fill(~alive, float("-inf"))
+        forced = forced.to(device=q.device, dtype=torch.bool) & alive if forced is not None else None
+        return lut_from_mask(topk_mask(scores, k_blocks, forced=forced) & alive)
     n_k = scores.shape[-1]
     if n_k > _MAX_SELECT_WIDTH:
         return reference.lut_from_mask(reference.topk_mask(scores, k_blocks, forced=forced))

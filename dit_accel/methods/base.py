@@ -40,6 +40,9 @@ class SiteCall:
     site_index: int
     site_name: str
     cache: BranchState = field(default_factory=BranchState)  # per site and CFG branch, reset per generation
+    # SDPA's boolean key-padding mask as bool (B, N), True = attend, native token order (None: no mask); see
+    # dit_accel.kernels.key_padding_from_mask
+    key_padding: torch.Tensor | None = None
 
 
 class Method:

@@ -68,9 +68,11 @@ class ComposedMethod(Method):
             pattern.kv_indices, pattern.kv_counts = idx, counts
         return idx, counts
 
-    def _build_pattern(self, call: SiteCall, plan: Plan, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
+    def _build_pattern(
+        self, call: SiteCall, plan: Plan, q: torch.Tensor, k: torch.Tensor, kp: torch.Tensor | None
+    ) -> BlockPattern:
         cfg = self.config
-        pattern = build_pattern(cfg, plan, q, k, call.layout, call.scale)
+        pattern = build_pattern(cfg, plan, q, k, call.layout, call.scale, key_padding=kp)
         kv_indices, kv_counts = kernels.lut_from_mask(pattern.mask)
         if pattern.max_count is not None:  # as wide as its longest row can be: the kernels tune by that width
             kv_indices = kv_indices[..., : max(1, pattern.max_count)]
@@ -113,20 +115,23 @@ class ComposedMethod(Method):
         cfg, branch = self.config, call.cache
         plan = self.plan(call)
         q, k, v = call.q, call.k, call.v
+        # key padding (kernel order): the kernels mask its keys, patterns drop its fully masked blocks
+        kp = call.key_padding
         if plan.perm is not None:
             q, k, v = (kernels.permute_tokens(x, plan.perm) for x in (q, k, v))
+            kp = kp.index_select(1, plan.perm) if kp is not None else None
         shape = (plan.n, *q.shape[:2])
         adaptive = branch.drift_exceeded
         refresh, rebuild = plan_call(cfg, branch, call.state.step, shape)
-        pattern = self._build_pattern(call, plan, q, k) if rebuild else branch.pattern
+        pattern = self._build_pattern(call, plan, q, k, kp) if rebuild else branch.pattern
         assert pattern is not None
         if refresh:
-            out = self._refresh(call, pattern, q, k, v)
+            out = self._refresh(call, pattern, q, k, v, kp)
             result = SparseResult(
                 out=out, density=1.0, video_density=1.0, kind="refresh", pattern_built=rebuild, adaptive=adaptive
             )
         else:
-            out = self._sparse(call, pattern, q, k, v)
+            out = self._sparse(call, pattern, q, k, v, kp)
             result = SparseResult(
                 out=out, density=pattern.density, video_density=pattern.video_density, pattern_built=rebuild
             )
@@ -135,7 +140,13 @@ class ComposedMethod(Method):
         return result
 
     def _refresh(
-        self, call: SiteCall, pattern: BlockPattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        call: SiteCall,
+        pattern: BlockPattern,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kp: torch.Tensor | None,
     ) -> torch.Tensor:
         cfg, branch = self.config, call.cache
         b, h = q.shape[:2]
@@ -145,10 +156,11 @@ class ComposedMethod(Method):
         branch.drift = None
         if not needs_statistics(cfg) and cfg.refresh_drift <= 0:  # no statistics: the fast dense path
             branch.statistics = None
-            return F.scaled_dot_product_attention(q, k, v, scale=call.scale)
+            mask = kp[:, None, None, :] if kp is not None else None
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
         idx, counts = self._lut(pattern, b, h)
         o_s, lse_s, o_f, lse_f = kernels.block_sparse_attention_pair(
-            q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale
+            q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, key_padding=kp
         )
         rho, residual = reshape_statistics(o_s, lse_s, o_f, lse_f)
         old = branch.statistics
@@ -176,7 +188,13 @@ class ComposedMethod(Method):
         return stats
 
     def _sparse(
-        self, call: SiteCall, pattern: BlockPattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        call: SiteCall,
+        pattern: BlockPattern,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kp: torch.Tensor | None,
     ) -> torch.Tensor:
         cfg, branch = self.config, call.cache
         b, h, _, d = q.shape
@@ -188,23 +206,25 @@ class ComposedMethod(Method):
                 negligible = negligible.expand(b, h, -1, -1)
             o_s, o_l, lse = kernels.sparse_linear_attention(
                 q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, negligible=negligible,
-                feature_map=cfg.feature_map, scale=call.scale,
+                feature_map=cfg.feature_map, scale=call.scale, key_padding=kp,
             )  # fmt: skip
             alpha = None
             if cfg.linear_weight == "mass":
                 alpha = stats.alpha if stats is not None else None
                 if alpha is None:
                     alpha = kernels.kept_mass(
-                        q, k, lse, pattern.outside, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale
-                    )
+                        q, k, lse, pattern.outside, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale,
+                        key_padding=kp,
+                    )  # fmt: skip
             proj = None
             if self.projections.trained or torch.is_grad_enabled():  # untrained layers are zeros: skipped
                 proj = self.projections.get(call.site_index, d, q.device)
             out = combine_linear(o_s, o_l, proj, alpha)
         else:
             out, lse = kernels.block_sparse_attention(
-                q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, return_lse=True
-            )
+                q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, return_lse=True,
+                key_padding=kp,
+            )  # fmt: skip
             if cfg.compensation == "reshape":
                 assert stats is not None and stats.rho is not None and stats.residual is not None
                 uses = stats.sparse_uses

@@ -2,7 +2,8 @@
 
 :func:`plan_for` fixes the token order a pattern needs (3D tiles, VMoBA chunks, or the native order) from the
 geometry alone; :func:`build_pattern` decides the block mask for one call in that order. Every pattern keeps the
-self blocks, the text rows and columns of joint attention and the sink blocks (:func:`forced_blocks`).
+self blocks, the text rows and columns of joint attention and the sink blocks (:func:`forced_blocks`), except the
+key blocks a key-padding mask removes completely (:func:`drop_padded_blocks`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from .. import kernels
 from ..config import AccelConfig
 from ..layout import TokenLayout
-from .common import forced_blocks, self_blocks
+from .common import drop_padded_blocks, drop_padded_blocks_lut, forced_blocks, self_blocks
 from .geometry import GroupGeometry, auto_tile, block_group_overlap, coarsen, group_geometry, window_extents
 from .scored import head_threshold_mask, keep_count, negligible_mask, pooled_scores
 from .vmoba import chunk_means, partition_of, vmoba_chunk_shape, vmoba_threshold, vmoba_topk
@@ -26,6 +27,8 @@ __all__ = [
     "Pattern",
     "Plan",
     "build_pattern",
+    "drop_padded_blocks",
+    "drop_padded_blocks_lut",
     "forced_blocks",
     "plan_for",
     "self_blocks",
@@ -107,14 +110,19 @@ def build_pattern(
     k: torch.Tensor,
     layout: TokenLayout | None,
     scale: float | None,
+    key_padding: torch.Tensor | None = None,
 ) -> Pattern:
-    """The block mask of ``config.pattern`` for q, k given in the plan's kernel order."""
+    """The block mask of ``config.pattern`` for q, k given in the plan's kernel order.
+
+    ``key_padding`` (bool (B, N) in the same kernel order, True = attend): pooled scores and VMoBA's chunk means
+    ignore masked keys, and key blocks with no kept key leave the pattern (forced ones too), per batch."""
     pattern = config.pattern
     n_k = math.ceil(plan.n / config.block_n)
     forced = plan.forced
+    bn = config.block_n
     if pattern in ("topk", "threshold"):
-        scores = pooled_scores(q, k, config.block_m, config.block_n, config.smooth_k, scale)
-        forced_b = forced.expand_as(scores)
+        scores = pooled_scores(q, k, config.block_m, bn, config.smooth_k, scale, key_padding)
+        forced_b = drop_padded_blocks(forced.expand_as(scores), key_padding, bn)  # dead ones take no top-k slot
         max_count = None
         if pattern == "topk":
             keep = keep_count(config.sparsity, n_k)
@@ -124,14 +132,20 @@ def build_pattern(
             mask = kernels.threshold_mask(scores, config.tau, forced=forced_b)
         else:
             mask = head_threshold_mask(scores, config.tau, forced=forced_b)
-        negligible = negligible_mask(scores, mask, config.negligible) if config.negligible > 0 else None
+        mask = drop_padded_blocks(mask, key_padding, bn)
+        negligible = None
+        if config.negligible > 0:  # never spend the negligible budget on dead blocks (they cost nothing anyway)
+            taken = mask
+            if key_padding is not None:
+                taken = mask | ~kernels.key_blocks_alive(key_padding, bn)[:, None, None, :]
+            negligible = negligible_mask(scores, taken, config.negligible)
         return Pattern(mask, negligible, max_count=max_count)
     if layout is None or plan.groups is None and pattern != "raster":
         raise ValueError(f"pattern={pattern!r} needs the token layout (grid) of the sequence")
     if pattern == "raster":
         fraction = config.raster_fraction if config.raster_fraction is not None else 1.0 - config.sparsity
         mask = raster_block_mask(layout, config.block_m, config.block_n, fraction).to(q.device)
-        return Pattern((mask | forced)[None, None], static=True)
+        return Pattern(drop_padded_blocks((mask | forced)[None, None], key_padding, bn), static=True)
     groups = plan.groups
     assert groups is not None
     q_over = block_group_overlap(groups.group_of, config.block_m, groups.n_groups)
@@ -140,10 +154,10 @@ def build_pattern(
         extents = config.window or window_extents(groups.group_grid, 1.0 - config.sparsity)
         gm = window_group_mask(groups.group_coords, groups.group_grid, extents, inward=pattern == "inward")
         mask = coarsen(gm, q_over, k_over) | forced
-        return Pattern(mask[None, None], static=True)
+        return Pattern(drop_padded_blocks(mask[None, None], key_padding, bn), static=True)
     # vmoba
     pq = kernels.mean_pool(q, config.block_m)  # (B, H, n_q, D): the gate of a block is the mean of its queries'
-    gate = torch.matmul(pq, chunk_means(k, groups.group_of, groups.n_groups).transpose(-1, -2))
+    gate = torch.matmul(pq, chunk_means(k, groups.group_of, groups.n_groups, key_padding).transpose(-1, -2))
     self_chunks = q_over[None, None].expand_as(gate)
     if config.vmoba_select == "topk":
         if config.vmoba_topk is not None:
@@ -154,4 +168,4 @@ def build_pattern(
     else:
         chunks = vmoba_threshold(gate, self_chunks, config.tau)
     mask = (chunks.float() @ k_over.float().T) > 0
-    return Pattern(mask | forced)
+    return Pattern(drop_padded_blocks(mask | forced, key_padding, bn))

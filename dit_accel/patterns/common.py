@@ -1,4 +1,5 @@
-"""Blocks every pattern keeps: the diagonal (self) block, text rows and columns, and sink blocks."""
+"""Blocks every pattern keeps (the diagonal (self) block, text rows and columns, sink blocks) and the blocks none
+keeps: key blocks whose every key a key-padding mask removes (a padded prompt's tail)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import math
 
 import torch
 
+from .. import kernels
 from ..layout import TokenLayout
 
-__all__ = ["forced_blocks", "self_blocks"]
+__all__ = ["drop_padded_blocks", "drop_padded_blocks_lut", "forced_blocks", "self_blocks"]
 
 
 def self_blocks(n: int, block_m: int, block_n: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -46,3 +48,31 @@ def forced_blocks(
         dense_rows |= layout.block_has_text(block_m, device)
     forced |= dense_rows[:, None]
     return forced, dense_rows
+
+
+def drop_padded_blocks(mask: torch.Tensor, key_padding: torch.Tensor | None, block_n: int) -> torch.Tensor:
+    """``mask`` (bool (B or 1, H or 1, n_q, n_k)) without the key blocks ``key_padding`` (bool (B, N), True = attend)
+    masks completely, per batch: they would cost a block of work for nothing. The result is (B, H or 1, n_q, n_k);
+    None leaves ``mask`` as it is. Partly masked blocks stay (the kernels mask their keys). No host sync."""
+    if key_padding is None:
+        return mask
+    alive = kernels.key_blocks_alive(key_padding, block_n)  # (B, n_k)
+    if mask.dim() != 4 or mask.shape[-1] != alive.shape[-1] or mask.shape[0] not in (1, alive.shape[0]):
+        raise ValueError(
+            f"mask must be (B or 1, H or 1, n_q, {alive.shape[-1]}) for key_padding {tuple(key_padding.shape)} and "
+            f"block_n={block_n}; got {tuple(mask.shape)}"
+        )
+    return mask & alive[:, None, None, :]
+
+
+def drop_padded_blocks_lut(
+    kv_indices: torch.Tensor, kv_counts: torch.Tensor, key_padding: torch.Tensor | None, block_n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`drop_padded_blocks` for a LUT ``(kv_indices, kv_counts)`` (B, H, n_q, width): same width, ascending,
+    counts only shrink. No host sync."""
+    if key_padding is None:
+        return kv_indices, kv_counts
+    n_k = kernels.key_blocks_alive(key_padding, block_n).shape[-1]
+    selected = kernels.reference.selected_block_mask(kv_indices, kv_counts, n_k)
+    idx, counts = kernels.lut_from_mask(drop_padded_blocks(selected, key_padding, block_n))
+    return idx[..., : kv_indices.shape[-1]].contiguous(), counts

@@ -19,15 +19,29 @@ def keep_count(sparsity: float, n_k: int) -> int:
     return max(1, min(n_k, math.floor((1.0 - sparsity) * n_k + 0.5 + 1e-9)))
 
 
-def pooled_scores(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, smooth_k: bool, scale: float | None):
+def pooled_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    smooth_k: bool,
+    scale: float | None,
+    key_padding: torch.Tensor | None = None,
+) -> torch.Tensor:
     """float32 (B, H, n_q, n_k): mean-pooled Q times mean-pooled (smoothed) K, times the softmax scale.
 
     The scale does not change a top-k but makes the scores logits, so a softmax over them is a mass estimate.
+    With ``key_padding`` (bool (B, N), True = attend) the key means (and smooth-K's mean) cover kept keys only, and
+    a fully masked key block scores ``-inf``: it never wins a top-k slot nor takes softmax mass.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     pq = kernels.mean_pool(q, block_m)
-    pk = kernels.mean_pool(k, block_n, smooth=smooth_k)
-    return torch.matmul(pq, pk.transpose(-1, -2)) * scale
+    pk = kernels.mean_pool(k, block_n, smooth=smooth_k, key_padding=key_padding)
+    scores = torch.matmul(pq, pk.transpose(-1, -2)) * scale
+    if key_padding is not None:
+        dead = ~kernels.key_blocks_alive(key_padding, block_n)[:, None, None, :]
+        scores = scores.masked_fill(dead, float("-inf"))
+    return scores
 
 
 def negligible_mask(scores: torch.Tensor, selected: torch.Tensor, fraction: float) -> torch.Tensor:

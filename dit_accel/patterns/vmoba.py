@@ -33,15 +33,23 @@ def vmoba_chunk_shape(grid: tuple[int, int, int], partition: int, counts: tuple[
     return (size(f, counts[0]), size(h, counts[1]), size(w, counts[2]))
 
 
-def chunk_means(k: torch.Tensor, group_of: torch.Tensor, n_chunks: int) -> torch.Tensor:
-    """float32 (B, H, n_chunks, D): the mean key of each chunk (``group_of`` labels kernel-order positions)."""
+def chunk_means(
+    k: torch.Tensor, group_of: torch.Tensor, n_chunks: int, key_padding: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32 (B, H, n_chunks, D): the mean key of each chunk (``group_of`` labels kernel-order positions); with
+    ``key_padding`` (bool (B, N) in kernel order) over the kept keys only (0 for a chunk with none)."""
     b, h, n, d = k.shape
     valid = group_of >= 0
     idx = group_of[valid]
     sums = torch.zeros(b, h, n_chunks, d, device=k.device, dtype=torch.float32)
-    sums.index_add_(2, idx, k[:, :, valid].float())
-    counts = torch.bincount(idx, minlength=n_chunks).clamp(min=1).to(torch.float32)
-    return sums / counts[:, None]
+    if key_padding is None:
+        sums.index_add_(2, idx, k[:, :, valid].float())
+        counts = torch.bincount(idx, minlength=n_chunks).clamp(min=1).to(torch.float32)
+        return sums / counts[:, None]
+    weight = key_padding[:, valid].float()  # (B, N_video)
+    sums.index_add_(2, idx, k[:, :, valid].float() * weight[:, None, :, None])
+    counts = torch.zeros(b, n_chunks, device=k.device, dtype=torch.float32).index_add_(1, idx, weight)
+    return sums / counts.clamp(min=1.0)[:, None, :, None]
 
 
 def vmoba_topk(gate: torch.Tensor, self_chunks: torch.Tensor, k: int) -> torch.Tensor:

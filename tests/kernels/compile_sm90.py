@@ -22,7 +22,7 @@ from dit_accel.kernels import triton_block_sparse as tbs
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"Q", "K", "V", "O", "OS", "OF", "OL", "X", "OUT", "PHIK"}
-F32_POINTERS = {"LSE", "MASS", "LSES", "LSEF", "S", "Z", "STOT", "ZTOT"}
+F32_POINTERS = {"LSE", "MASS", "LSES", "LSEF", "S", "Z", "STOT", "ZTOT", "KPAD"}
 I32_POINTERS = {"LUT", "CNT", "NLUT", "NCNT", "MLUT", "MCNT", "IDX"}
 
 
@@ -68,8 +68,9 @@ def attention_variant(kind: str, dtype: str, head: int, block_m: int, block_n: i
     consts = dict(
         BLOCK_M=cfg["tile_m"], LUT_BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=cfg["tile_n"], HEAD_D=head,
         HEAD_DV=head, USE_TMA=cfg["tma"], MASK_N=True, MASK_KV=not cfg["tma"], PAD_D=False, FP32=dtype == "fp32",
-        **extra,
+        HAS_KPAD=False,
     )  # fmt: skip
+    consts.update(extra)
     desc = f"tensordesc<{dtype}[1, 1, {cfg['tile_n']}, {head}]>" if cfg["tma"] else None
     return fn, _signature(fn, dtype, consts, desc), consts, cfg["num_warps"], cfg["num_stages"]
 
@@ -79,24 +80,31 @@ def variants():
     for head in (64, 128):
         cfg = tbs._default_config("bsa", 128, 128, head, False)
         yield f"bsa-default-d{head}", attention_variant("bsa", "bf16", head, 128, 128, cfg, bsa_extra)
+        kpad = dict(bsa_extra, HAS_KPAD=True)  # a key-padding mask (HunyuanVideo's padded prompt): still no spills
+        yield f"bsa-default-kpad-d{head}", attention_variant("bsa", "bf16", head, 128, 128, cfg, kpad)
         tma = dict(cfg, tma=True, num_stages=3)
         yield f"bsa-tma-d{head}", attention_variant("bsa", "bf16", head, 128, 128, tma, bsa_extra)
         cfg = tbs._default_config("pair", 128, 128, head, False)
         yield f"pair-default-d{head}", attention_variant("pair", "bf16", head, 128, 128, cfg, {})
+        yield f"pair-kpad-d{head}", attention_variant("pair", "bf16", head, 128, 128, cfg, dict(HAS_KPAD=True))
         cfg = tbs._default_config("sla", 64, 64, head, False)
         yield f"sla-default-d{head}", attention_variant("sla", "bf16", head, 64, 64, cfg, dict(PHI=0))
+        yield f"sla-kpad-d{head}", attention_variant("sla", "bf16", head, 64, 64, cfg, dict(PHI=0, HAS_KPAD=True))
     mass = dict(WRITE_LSE=True, WRITE_MASS=True, MASS_ATOMIC=True)
     cfg = dict(tbs._default_config("bsa", 128, 64, 64, False), tile_m=64, num_warps=4)
     yield "bsa-mass-atomic-fp16-d64", attention_variant("bsa", "fp16", 64, 128, 64, cfg, mass)
+    yield "bsa-mass-kpad-fp16-d64", attention_variant("bsa", "fp16", 64, 128, 64, cfg, dict(mass, HAS_KPAD=True))
     for mode in (0, 1, 2):
         consts = dict(MODE=mode, HAS_FORCED=mode == 1, WRITE_MASK=mode != 0, WRITE_LUT=True, WIDTH=1024)
         yield f"select-mode{mode}", (tbs._select_lut, _signature(tbs._select_lut, "fp32", consts, None), consts, 4, 1)
-    consts = dict(POOL=128, TILE=64, HEAD_D=128)
-    yield "pool", (tbs._pool_mean, _signature(tbs._pool_mean, "bf16", consts, None), consts, 4, 1)
+    for kp in (False, True):
+        consts = dict(POOL=128, TILE=64, HEAD_D=128, HAS_KPAD=kp)
+        yield "pool" + "-kpad" * kp, (tbs._pool_mean, _signature(tbs._pool_mean, "bf16", consts, None), consts, 4, 1)
     consts = dict(TILE=64, HEAD_D=128)
     yield "gather", (tbs._gather_tokens, _signature(tbs._gather_tokens, "bf16", consts, None), consts, 4, 1)
-    consts = dict(CHUNK=2048, BLOCK_N=64, HEAD_D=128, HEAD_DV=128, PHI=0, FP32=False)
-    yield "kv-stats", (tbs._kv_stats, _signature(tbs._kv_stats, "bf16", consts, None), consts, 8, 1)
+    for kp in (False, True):
+        consts = dict(CHUNK=2048, BLOCK_N=64, HEAD_D=128, HEAD_DV=128, PHI=0, FP32=False, HAS_KPAD=kp)
+        yield "kv-stats" + "-kpad" * kp, (tbs._kv_stats, _signature(tbs._kv_stats, "bf16", consts, None), consts, 8, 1)
     consts = dict(BLOCK_M=64, LUT_BLOCK_M=64, KB=64, HEAD_D=128, FP32=False)
     sig = _signature(tbs._kept_mass_fwd, "bf16", consts, None) | {
         "MEAN": "*fp32", "VAR": "*fp32", "LOGC": "*fp32", "ALPHA": "*fp32", "OUTSIDE": "*i8", "scale": "fp32"

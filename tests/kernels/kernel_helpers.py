@@ -38,10 +38,27 @@ def token_mask(mask: torch.Tensor, n: int, block_m: int, block_n: int) -> torch.
     return mask.repeat_interleave(block_m, dim=2)[:, :, :n].repeat_interleave(block_n, dim=3)[..., :n]
 
 
-def brute_force(q, k, v, mask, block_m, block_n, scale=None):
-    """Token-level masked attention in float64: ``(out, lse, probs)``."""
+def random_key_padding(b: int, n: int, block_n: int, rng: torch.Generator) -> torch.Tensor:
+    """bool (B, N), True = attend: batch 0 a padded prompt at the end (a fully masked last block and a partly
+    masked one before it), batch 1 scattered masked keys and a fully masked block in the middle, batch 2 (if any)
+    every key masked."""
+    kp = torch.ones(b, n, dtype=torch.bool)
+    tail = (n - 1) // block_n * block_n  # start of the last block
+    kp[0, tail - block_n // 3 :] = False
+    if b > 1:
+        kp[1] = torch.rand(n, generator=rng) < 0.7
+        kp[1, block_n : 2 * block_n] = False
+    if b > 2:
+        kp[2:] = False
+    return kp
+
+
+def brute_force(q, k, v, mask, block_m, block_n, scale=None, key_padding=None):
+    """Token-level masked attention in float64: ``(out, lse, probs)``; ``key_padding`` (B, N) masks keys too."""
     n = q.shape[2]
     token = token_mask(mask, n, block_m, block_n)
+    if key_padding is not None:
+        token = token & key_padding[:, None, None, :]
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
     s = s.masked_fill(~token, float("-inf"))
