@@ -209,3 +209,14 @@ def test_float32_sigma_on_the_window_edge_is_inside(comfy):
     assert patch.sigma_start == 0.6 and torch.tensor(0.6).item() > 0.6
     comfy.sample(patched, [1.0, 0.6, 0.2, 0.0])  # sigma 0.6 is the start of the window
     assert patch.sparse_calls == 2 * 2 and patch.dense_reasons["outside_window"] == 2
+
+
+def test_the_presets_dense_steps_apply(comfy):
+    # vmoba-paper keeps its first 25 % of steps dense: step 0 of 4; an explicit dense_steps=2 keeps steps 0 and 1
+    for method, options, dense in (("vmoba-paper", {}, 1), ("blocktopk", {"dense_steps": 2}, 2)):
+        base = comfy.ModelPatcher(comfy.FakeWan())
+        patched = comfy.node.apply_sparse_attention(base, method, -1, 0.0, 1.0, "", 0, **options)
+        patch = patched.model_options["transformer_options"][OVERRIDE]._dit_accel_patch
+        comfy.sample(patched, SIGMAS)
+        assert patch.dense_reasons["dense_step"] == dense * 2, (method, patch.stats())  # 2 blocks per step
+        assert patch.sparse_calls == (4 - dense) * 2, (method, patch.stats())
