@@ -1,0 +1,32 @@
+"""The presets keep the effective options they had before they became typed objects.
+
+``tests/data/presets_before_parts.json`` was dumped from ``resolve_config(name).to_dict()`` of every preset while
+the presets were still flat dicts merged at import time; each preset must still resolve to exactly those values
+(types included: ``dense_steps`` 0.1 is a fraction, 0 a count).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import dit_accel
+from dit_accel.config import resolve_config
+
+BEFORE = json.loads((Path(__file__).parent / "data" / "presets_before_parts.json").read_text())
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def test_every_preset_is_in_the_fixture():
+    assert set(dit_accel.METHODS) == set(BEFORE)
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_preset_effective_options_unchanged(name):
+    now = _jsonable(resolve_config(name).to_dict())
+    assert now == BEFORE[name]
+    for key, value in BEFORE[name].items():
+        assert type(now[key]) is type(value), key  # 0.1 (a fraction) must not become 0 (a count) or vice versa
