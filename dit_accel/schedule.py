@@ -52,9 +52,9 @@ def dense_reason(config: AccelConfig, site_index: int, tokens: int, state: Denoi
 
 def needs_statistics(config: AccelConfig) -> bool:
     """Whether the compensation uses statistics of a full-attention pass (rho, R or alpha)."""
-    if config.compensation == "reshape":
+    if config.compensation.kind == "reshape":
         return True
-    return config.compensation == "linear" and config.linear_weight == "mass" and config.refresh_every > 0
+    return config.compensation.kind == "linear" and config.linear_weight == "mass" and config.refresh_every > 0
 
 
 def needs_refresh(config: AccelConfig, branch: BranchState, step: int, shape: Shape) -> bool:

@@ -39,7 +39,7 @@ from dit_accel.methods import ComposedMethod
 def _methods(handle) -> dict[str, ComposedMethod]:
     out = {}
     for name, acc in handle.accelerators.items():
-        if not isinstance(acc.method, ComposedMethod) or acc.method.config.compensation != "linear":
+        if not isinstance(acc.method, ComposedMethod) or acc.method.config.compensation.kind != "linear":
             raise ValueError(f"method={handle.method!r} has no linear branch to fine-tune; use 'sla' or 'sla-paper'")
         out[name] = acc.method
     return out

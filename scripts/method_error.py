@@ -123,7 +123,7 @@ def _call(q, k, v, cfg, layout, step, cache, site_index=0) -> SiteCall:
 
 
 def _knob(cfg) -> str:
-    if cfg.pattern == "threshold" or (cfg.pattern == "vmoba" and cfg.vmoba_select == "threshold"):
+    if cfg.pattern.kind == "threshold" or (cfg.pattern.kind == "vmoba" and cfg.vmoba_select == "threshold"):
         return "tau"
     return "sparsity"
 
@@ -209,7 +209,7 @@ def attention_table(methods, densities, inputs, layout, sites=(0, 1, 2)) -> dict
         for target in densities:
             runs = []
             name, extra = parse_spec(method)
-            for site in sites if resolve_config(name, **extra).pattern == "vmoba" else (0,):
+            for site in sites if resolve_config(name, **extra).pattern.kind == "vmoba" else (0,):
                 cfg, _ = calibrate(method, target, inputs, layout, site)
                 runs.append(attention_error(cfg, inputs, layout, site))
             table[method][target] = {key: sum(r[key] for r in runs) / len(runs) for key in ("error", "density")}

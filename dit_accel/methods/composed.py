@@ -40,7 +40,7 @@ class ComposedMethod(Method):
 
     # -- schedule hooks -------------------------------------------------------------------------------------
     def dense_reason(self, call: SiteCall) -> str | None:
-        if self.config.pattern in GEOMETRIC_PATTERNS and (
+        if self.config.pattern.kind in GEOMETRIC_PATTERNS and (
             call.layout is None or call.layout.total_tokens != call.q.shape[2]
         ):
             return "no_layout"
@@ -50,7 +50,7 @@ class ComposedMethod(Method):
     def plan(self, call: SiteCall) -> Plan:
         """The site's token order and groups for this sequence shape (cached: geometry only)."""
         n = call.q.shape[2]
-        partition_key = call.site_index % 3 if self.config.pattern == "vmoba" else 0
+        partition_key = call.site_index % 3 if self.config.pattern.kind == "vmoba" else 0
         key = (partition_key, n, call.layout, call.q.device.type, call.q.device.index)
         plan = self._plans.get(key)
         if plan is None:
@@ -90,7 +90,7 @@ class ComposedMethod(Method):
             shape=(plan.n, *q.shape[:2]),
             static=pattern.static,
             negligible=pattern.negligible,
-            outside=~mask if cfg.compensation == "linear" and cfg.linear_weight == "mass" else None,
+            outside=~mask if cfg.compensation.kind == "linear" and cfg.linear_weight == "mass" else None,
         )
         call.cache.pattern = built
         return built
@@ -165,7 +165,7 @@ class ComposedMethod(Method):
         rho, residual = reshape_statistics(o_s, lse_s, o_f, lse_f)
         old = branch.statistics
         stats = Statistics(pattern=pattern, shape=(q.shape[2], b, h), step=step)
-        if cfg.compensation == "reshape":
+        if cfg.compensation.kind == "reshape":
             stats.residual = self._cache_tensor(
                 residual if cfg.cache_dtype != "auto" else residual.to(q.dtype),
                 old.residual if old is not None else None,
@@ -200,7 +200,7 @@ class ComposedMethod(Method):
         b, h, _, d = q.shape
         idx, counts = self._lut(pattern, b, h)
         stats = self._statistics(call, pattern)
-        if cfg.compensation == "linear":
+        if cfg.compensation.kind == "linear":
             negligible = pattern.negligible
             if negligible is not None and negligible.shape[:2] != (b, h):
                 negligible = negligible.expand(b, h, -1, -1)
@@ -225,7 +225,7 @@ class ComposedMethod(Method):
                 q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, return_lse=True,
                 key_padding=kp,
             )  # fmt: skip
-            if cfg.compensation == "reshape":
+            if cfg.compensation.kind == "reshape":
                 assert stats is not None and stats.rho is not None and stats.residual is not None
                 uses = stats.sparse_uses
                 stats.sparse_uses = uses + 1

@@ -81,7 +81,7 @@ def _tile_for(config: AccelConfig, layout: TokenLayout) -> tuple[int, int, int]:
 
 def plan_for(config: AccelConfig, layout: TokenLayout | None, n: int, site_index: int, device: torch.device) -> Plan:
     """The token order and groups a site's pattern works in (pure geometry, cacheable per shape)."""
-    pattern = config.pattern
+    pattern = config.pattern.kind
     geo_layout = layout if layout is not None and layout.total_tokens == n else None
     groups = None
     partition = -1
@@ -112,11 +112,11 @@ def build_pattern(
     scale: float | None,
     key_padding: torch.Tensor | None = None,
 ) -> Pattern:
-    """The block mask of ``config.pattern`` for q, k given in the plan's kernel order.
+    """The block mask of ``config.pattern.kind`` for q, k given in the plan's kernel order.
 
     ``key_padding`` (bool (B, N) in the same kernel order, True = attend): pooled scores and VMoBA's chunk means
     ignore masked keys, and key blocks with no kept key leave the pattern (forced ones too), per batch."""
-    pattern = config.pattern
+    pattern = config.pattern.kind
     n_k = math.ceil(plan.n / config.block_n)
     forced = plan.forced
     bn = config.block_n

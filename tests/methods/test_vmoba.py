@@ -101,7 +101,7 @@ def test_self_block_always_in(rng, select):
             layout=layout,
             site_index=site,
             vmoba_select=select,
-            tau=0.05,
+            **({"tau": 0.05} if select == "threshold" else {}),
             sparsity=0.95,
             compensation="none",
             refresh_every=0,

@@ -417,7 +417,7 @@ class DiTSparseAttention:
 
 def preset_default_sparsity(method: str) -> float | None:
     """The preset's own sparsity (shown in docs; the node's -1 keeps it)."""
-    return PRESETS.get(method, {}).get("sparsity")
+    return PRESETS[method].pattern.sparsity if method in PRESETS else None
 
 
 def v3_extension() -> Any:
