@@ -134,6 +134,8 @@ class SiteEvent:
     reason: str | None  # why it stayed dense
     density: Any  # achieved block density of a sparse/refresh call (tensor or float), None when dense
     timers: tuple[Any, Any]  # (start, end): perf_counter floats on CPU, CUDA events on GPU
+    attn_mask: torch.Tensor | None = None  # the call's own mask, as the model passed it (keys it may not see)
+    is_causal: bool = False
 
     def seconds(self) -> float:
         """Duration of the call; synchronises the CUDA events' stream when needed."""
@@ -266,7 +268,7 @@ class SiteCore:
         event = SiteEvent(
             site_index=self.index, site_name=self.name, step=state.step, num_steps=state.num_steps,
             branch=state.branch, q=q, k=k, v=v, scale=scale, out=out, kind=kind, reason=why, density=density,
-            timers=(start, end),
+            timers=(start, end), attn_mask=attn_mask, is_causal=is_causal,
         )  # fmt: skip
         for observer in list(self.group.observers):
             observer(event)

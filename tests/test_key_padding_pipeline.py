@@ -33,3 +33,18 @@ def test_hunyuan_padded_prompt_runs_sparse_and_matches_masked_dense():
     assert overall["dense_calls"] == 0 and overall["sparse_calls"] > 0, overall["dense_reasons"]
     assert overall["block_density"] < 1.0  # 848 tokens, 14 key blocks: the 14th holds padding only
     torch.testing.assert_close(out, base, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_probe_compares_against_dense_under_the_calls_own_mask():
+    """The probe's reference is masked like the call: with every live block kept, dense and sparse calls alike
+    score about 0 (against unmasked dense attention a padded prompt's calls scored far from it)."""
+    from dit_accel.eval.probe import AttentionProbe
+
+    pipe, kwargs = tiny_pipeline("hunyuan_video")
+    with dit_accel.accelerate(pipe, "blocktopk", sparsity=0.0, min_tokens=64, dense_steps=1) as handle:
+        with AttentionProbe(handle, steps=None) as probe:
+            _run(pipe, kwargs)
+    kinds = {e.kind for e in probe.entries}
+    assert kinds == {"dense", "sparse"}, kinds
+    worst = max(e.rel_error for e in probe.entries)
+    assert worst < 1e-4, worst

@@ -14,12 +14,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from ..core import SiteEvent, key_padding_of
 from ..kernels import dense_attention
-from ..runtime import SiteEvent
 from .metrics import relative_error
 
 __all__ = ["AttentionProbe", "ProbeEntry"]
+
+
+def dense_reference(event: SiteEvent) -> torch.Tensor:
+    """Dense attention in float32 on the call's inputs, under the call's own mask: a padded prompt's keys stay
+    unseen, so a call that was exact scores 0 whichever path it took."""
+    q, k, v = event.q.float(), event.k.float(), event.v.float()
+    mask = event.attn_mask
+    key_padding = None if mask is None else key_padding_of(q, k, mask)
+    if (mask is None or key_padding is not None) and not event.is_causal:
+        return dense_attention(q, k, v, scale=event.scale, key_padding=key_padding)[0]
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.float()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=event.is_causal, scale=event.scale)
 
 
 @dataclass
@@ -93,10 +107,8 @@ class AttentionProbe:
         if not self._wants(event):
             return
         start = time.perf_counter()
-        q, k, v = event.q, event.k, event.v
         with torch.no_grad():
-            reference, _ = dense_attention(q.float(), k.float(), v.float(), scale=event.scale)
-            error = relative_error(event.out.float(), reference)
+            error = relative_error(event.out.float(), dense_reference(event))
         density = None if event.density is None else float(event.density)
         self.entries.append(
             ProbeEntry(
