@@ -60,10 +60,10 @@ OWNER: dict[str, str] = {name: part for part in _PART_TYPES for name in _part_fl
 #: every flat option, in the order of :meth:`AccelConfig.to_dict` (the order of the old flat dataclass)
 FLAT_OPTIONS: tuple[str, ...] = (
     "method", "sparsity", "block_m", "block_n", "min_tokens", "dense_steps", "dense_layers", "num_steps", "smooth_k",
-    "sink_blocks", "dense_backend", "pattern", "tiled", "compensation", "tau", "threshold_scope", "tile", "window",
-    "raster_fraction", "vmoba_chunks", "vmoba_select", "vmoba_topk", "ramp", "rho_clamp", "feature_map",
-    "negligible", "linear_weight", "refresh_every", "reuse_pattern_every", "refresh_drift", "cache_dtype",
-    "cache_offload", "cache_budget_mb",
+    "sink_blocks", "self_block", "keep_rounding", "dense_backend", "pattern", "tiled", "compensation", "tau",
+    "threshold_scope", "tile", "window", "raster_fraction", "vmoba_chunks", "vmoba_select", "vmoba_topk", "ramp",
+    "rho_clamp", "feature_map", "negligible", "linear_weight", "refresh_every", "reuse_pattern_every",
+    "refresh_drift", "cache_dtype", "cache_offload", "cache_budget_mb",
 )  # fmt: skip
 #: every option ``accelerate`` and :class:`AccelConfig` take besides ``method``
 ALLOWED: tuple[str, ...] = tuple(sorted(set(FLAT_OPTIONS) - {"method"} | {"schedule"}))
@@ -145,6 +145,8 @@ class AccelConfig:
     block_n = _Flat[int]("pattern")
     smooth_k = _Flat[bool]("pattern")
     sink_blocks = _Flat[int]("pattern")
+    self_block = _Flat[bool]("pattern")
+    keep_rounding = _Flat[str]("pattern")
     tiled = _Flat[bool]("pattern")
     tau = _Flat[float]("pattern")
     threshold_scope = _Flat[str]("pattern")

@@ -111,6 +111,8 @@ PATTERN_RULES: dict[str, Rule] = {
         "pattern 'topk' or 'threshold' ('window', 'inward' and 'vmoba' always reorder, 'raster' never does)",
     ),
     "vmoba_select": (lambda v: v["kind"] == "vmoba", "pattern 'vmoba'"),
+    "self_block": (lambda v: v["kind"] in SCORED_PATTERNS, "pattern 'topk' or 'threshold'"),
+    "keep_rounding": (lambda v: v["kind"] == "topk", "pattern 'topk'"),
     "smooth_k": (
         lambda v: v["kind"] in SCORED_PATTERNS,
         "pattern 'topk' or 'threshold' (the patterns that pool scores)",
@@ -224,6 +226,10 @@ class PatternConfig(_Part):
         block_n: key block size of the kernels (64 or 128).
         smooth_k: ``topk``/``threshold``: subtract the mean key before pooling (SageAttention's smooth-K).
         sink_blocks: number of leading key blocks always attended.
+        self_block: ``topk``/``threshold``: always keep each query block's own (diagonal) key block, on top of
+            the scored choice (SLA's official selection does not: ``sla-paper`` turns it off).
+        keep_rounding: ``topk``: how ``(1 - sparsity) * n_k`` becomes a block count: ``half_up`` or ``floor``
+            (SLA's official ``int(topk * K)``); at least one block either way.
         tiled: ``topk``/``threshold``: reorder the video tokens into 3D tiles first, so that each block is a
             compact 3D neighbourhood whose mean represents it (``window``, ``inward`` and ``vmoba`` always
             reorder; ``raster`` never does).
@@ -248,6 +254,8 @@ class PatternConfig(_Part):
     block_n: int = 64
     smooth_k: bool = True
     sink_blocks: int = 0
+    self_block: bool = True
+    keep_rounding: str = "half_up"
     tiled: bool = False
     tau: float = 0.9
     threshold_scope: str = "row"
@@ -291,6 +299,8 @@ class PatternConfig(_Part):
                 raise ValueError(f"{name}={value!r} is not supported by the kernels; allowed: {SUPPORTED_BLOCK_SIZES}")
         _non_negative_int("sink_blocks", self.sink_blocks)
         _bool("smooth_k", self.smooth_k)
+        _bool("self_block", self.self_block)
+        _choice("keep_rounding", self.keep_rounding, ("half_up", "floor"))
         _bool("tiled", self.tiled)
         _choice("threshold_scope", self.threshold_scope, ("row", "head"))
         _choice("vmoba_select", self.vmoba_select, ("topk", "threshold"))

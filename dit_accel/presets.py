@@ -65,13 +65,23 @@ _PRESETS = (
         CompensationConfig(kind="reshape", ramp=0.04, rho_clamp=False),
         ScheduleConfig(dense_steps=0.3, refresh_every=5),
     ),
-    # SLA (arXiv 2509.24006): mean-pooled smooth-K top 5 % of 64-token blocks critical, lowest 10 % negligible,
-    # the rest by linear attention (softmax phi) through a zero-initialised proj: sparse-only until fine-tuned.
+    # SLA as its official code selects (thu-ml/SLA, branch SLA-1, sparse_linear_attention/utils.py get_block_map):
+    # mean-centred keys, 64-token mean pooling, the top int(topk * K) key blocks of each query block (truncated,
+    # no forced diagonal block), every other block through the linear branch (softmax phi) and a zero-initialised
+    # proj: sparse-only until fine-tuned. The paper's "negligible" class is in neither official branch.
     Preset(
         "sla-paper",
-        "SLA as published: top 5% critical, 10% negligible, linear branch through zero-init proj",
-        PatternConfig(kind="topk", sparsity=0.95, smooth_k=True, block_m=64, block_n=64),
-        CompensationConfig(kind="linear", linear_weight="proj", feature_map="softmax", negligible=0.1),
+        "SLA as its official code: top int(5% K) blocks (no forced diagonal), the rest linear, zero-init proj",
+        PatternConfig(
+            kind="topk",
+            sparsity=0.95,
+            smooth_k=True,
+            self_block=False,
+            keep_rounding="floor",
+            block_m=64,
+            block_n=64,
+        ),  # fmt: skip
+        CompensationConfig(kind="linear", linear_weight="proj", feature_map="softmax", negligible=0.0),
     ),
     # VMoBA training-free (arXiv 2506.23858, Table 4, 480p): local + top-k over 1D/2D/3D chunks cycling with the
     # layer (7 | 6x4 | 3x6x4 chunks, k = 2 | 6 | 18), first 25 % of steps dense, no compensation.

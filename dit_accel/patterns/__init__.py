@@ -93,8 +93,9 @@ def plan_for(config: AccelConfig, layout: TokenLayout | None, n: int, site_index
         groups = group_geometry(geo_layout, _tile_for(config, geo_layout), device)
     # forced blocks: the text tokens stay in place under every permutation, so the native layout holds
     forced, dense_rows = forced_blocks(
-        n, config.block_m, config.block_n, geo_layout, sink_blocks=config.sink_blocks, device=device
-    )
+        n, config.block_m, config.block_n, geo_layout, sink_blocks=config.sink_blocks,
+        self_block=config.self_block, device=device,
+    )  # fmt: skip
     perm = groups.perm if groups is not None else None
     inv = groups.inv if groups is not None else None
     if groups is not None and perm is None:
@@ -125,7 +126,7 @@ def build_pattern(
         forced_b = drop_padded_blocks(forced.expand_as(scores), key_padding, bn)  # dead ones take no top-k slot
         max_count = None
         if pattern == "topk":
-            keep = keep_count(config.sparsity, n_k)
+            keep = keep_count(config.sparsity, n_k, config.keep_rounding)
             mask = kernels.topk_mask(scores, keep, forced=forced_b)
             max_count = min(n_k, max(keep, plan.max_forced))  # forced blocks count first; all kept past k
         elif config.threshold_scope == "row":

@@ -30,15 +30,18 @@ def forced_blocks(
     layout: TokenLayout | None,
     *,
     sink_blocks: int = 0,
+    self_block: bool = True,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks always attended and query blocks kept fully dense.
 
-    Returns ``(forced, dense_rows)``: bool (n_q, n_k) with the self blocks, the key blocks holding text tokens and
-    the first ``sink_blocks`` key blocks; bool (n_q,) marking query blocks that hold text tokens (text attends to
-    everything, as joint attention needs).
+    Returns ``(forced, dense_rows)``: bool (n_q, n_k) with the self blocks (unless ``self_block`` is False, as in
+    SLA's official selection), the key blocks holding text tokens and the first ``sink_blocks`` key blocks;
+    bool (n_q,) marking query blocks that hold text tokens (text attends to everything, as joint attention needs).
     """
     forced = self_blocks(n, block_m, block_n, device)
+    if not self_block:
+        forced = torch.zeros_like(forced)
     n_q = forced.shape[0]
     dense_rows = torch.zeros(n_q, dtype=torch.bool, device=device)
     if sink_blocks:

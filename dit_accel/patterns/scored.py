@@ -11,12 +11,17 @@ from .. import kernels
 __all__ = ["head_threshold_mask", "keep_count", "negligible_mask", "pooled_scores"]
 
 
-def keep_count(sparsity: float, n_k: int) -> int:
+def keep_count(sparsity: float, n_k: int, rounding: str = "half_up") -> int:
     """Key blocks kept per query block for a target sparsity: ``(1 - sparsity) n_k`` rounded half up (2.5 -> 3,
-    not Python's round-half-to-even), at least one and at most ``n_k``.
+    not Python's round-half-to-even), or down with ``rounding="floor"`` (SLA's official ``int(topk * K)``); at
+    least one and at most ``n_k``.
 
-    The small epsilon absorbs binary error (``(1 - 0.85) * 10`` is 1.4999999999999996, meant as 1.5)."""
-    return max(1, min(n_k, math.floor((1.0 - sparsity) * n_k + 0.5 + 1e-9)))
+    The small epsilon absorbs binary error (``(1 - 0.85) * 10`` is 1.4999999999999996, meant as 1.5;
+    ``(1 - 0.9) * 10`` is 0.9999999999999998, meant as 1)."""
+    if rounding not in ("half_up", "floor"):
+        raise ValueError(f"rounding={rounding!r} is not allowed; choose 'half_up' or 'floor'")
+    half = 0.5 if rounding == "half_up" else 0.0
+    return max(1, min(n_k, math.floor((1.0 - sparsity) * n_k + half + 1e-9)))
 
 
 def pooled_scores(
