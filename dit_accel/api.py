@@ -68,6 +68,10 @@ class AccelHandle:
             "method": self.config.method,
             "config": self.config.to_dict(),
             "families": families,
+            # what each transformer runs: the config's schedule, or its preset's schedule for that family
+            "schedules": {
+                component: acc.config.to_dict(nested=True)["schedule"] for component, acc in self._accelerators.items()
+            },
             "kernel_backend": backend_for(param.device if param is not None else "cpu"),
             "overall": totals,
             "steps_backwards": sum(acc.tracker.steps_backwards for acc in self._accelerators.values()),
@@ -113,6 +117,11 @@ def _scheduler_source(pipe: Any) -> Any:
     return lambda: getattr(ref(), "scheduler", None)
 
 
+def _family_name(transformer: torch.nn.Module) -> str | None:
+    family = find_family(transformer)
+    return family.name if family is not None else None
+
+
 def accelerate(
     pipe: Any, method: str | None = None, *, config: AccelConfig | None = None, **options: Any
 ) -> AccelHandle:
@@ -144,19 +153,24 @@ def accelerate(
     scheduler = getattr(pipe, "scheduler", None)
     # the scheduler is read from the pipeline at every forward: `pipe.scheduler = X.from_config(...)` is common
     scheduler_source = _scheduler_source(pipe) if scheduler is not None else None
-    if scheduler is None and cfg.num_steps is None and isinstance(cfg.dense_steps, float) and cfg.dense_steps > 0:
-        raise ValueError(
-            f"dense_steps={cfg.dense_steps!r} is a fraction of the denoising steps, but {type(pipe).__name__} has no "
-            "scheduler to count them, so every call would stay dense: pass num_steps=N (the steps you will run) or "
-            "an int dense_steps"
-        )
+    # a paper's schedule is set per model: each transformer runs the preset's schedule for its family
+    configs = {name: cfg.for_family(_family_name(t)) for name, t in transformers.items()}
+    for run_cfg in configs.values():
+        if scheduler is None and run_cfg.num_steps is None and isinstance(run_cfg.dense_steps, float):
+            if run_cfg.dense_steps > 0:
+                raise ValueError(
+                    f"dense_steps={run_cfg.dense_steps!r} is a fraction of the denoising steps, but "
+                    f"{type(pipe).__name__} has no scheduler to count them, so every call would stay dense: pass "
+                    "num_steps=N (the steps you will run) or an int dense_steps"
+                )
     accelerators: dict[str, Accelerator] = {}
     ledger = CacheLedger()
     for name, transformer in transformers.items():
         previous = getattr(transformer, _ATTR, None)
         if previous is not None:
             previous.remove()
-        acc = Accelerator(transformer, find_family(transformer), cfg, scheduler=scheduler_source, ledger=ledger)
+        family = find_family(transformer)
+        acc = Accelerator(transformer, family, configs[name], scheduler=scheduler_source, ledger=ledger)
         try:
             acc.install()
         except Exception:

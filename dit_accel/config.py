@@ -226,6 +226,23 @@ class AccelConfig:
     def preset(self) -> Preset:
         return PRESETS[self.method]
 
+    def for_family(self, family: str | None) -> AccelConfig:
+        """This config as it runs on model ``family``: the preset's schedule for that family (a paper's schedule
+        is set per model, see :attr:`Preset.family_schedules`) with the schedule fields you gave on top; itself
+        when the preset has none for it or you gave a whole schedule."""
+        schedule = self.preset.family_schedules.get(family) if family is not None else None
+        names = set(_part_flat_names("schedule"))
+        given = self.explicit_fields & names
+        if schedule is None or given == names:
+            return self
+        schedule = dataclasses.replace(schedule, **{name: getattr(self.schedule, name) for name in given})
+        out = object.__new__(AccelConfig)
+        for name in ("method", "pattern", "compensation", "dense_backend"):
+            object.__setattr__(out, name, getattr(self, name))
+        object.__setattr__(out, "schedule", schedule)
+        object.__setattr__(out, "_explicit", self.explicit_fields)
+        return out
+
     def dense_step_count(self, num_steps: int | None) -> int:
         """How many leading steps stay dense for a generation of ``num_steps`` steps."""
         return self.schedule.dense_step_count(num_steps)

@@ -210,6 +210,9 @@ def make_record(
     spec = normalise_config(spec)
     options = {k: v for k, v in spec.items() if k != "method"}
     resolved = resolve_config(spec["method"], **options).to_dict()
+    schedules = list(run.stats.get("schedules", {}).values())
+    if schedules:  # what ran: a preset may set its schedule per model family
+        resolved.update(schedules[0])
     overall = run.stats["overall"]
     density = effective_density(overall)
     share = baseline.attention_s / baseline.wall_s if baseline.wall_s > 0 else 0.0
