@@ -50,6 +50,8 @@ class StepTracker:
     _last_step: int = -1
     _fresh: bool = True
     steps_backwards: int = 0
+    _timesteps_key: tuple | None = None
+    _timesteps_host: list[float] | None = None
 
     def new_generation(self) -> None:
         """Forget the step position; the next forward starts a new generation."""
@@ -61,16 +63,17 @@ class StepTracker:
 
     def begin(self, timestep: torch.Tensor | float | None, context: Any, layout: TokenLayout | None) -> DenoiseState:
         """Update and return the state for a forward about to run."""
-        t = _timestep_value(timestep)
-        step, num_steps = None, None
+        step, num_steps, t = None, None, None
         ctx_step = getattr(context, "step_index", None)
-        if ctx_step is not None:
+        if ctx_step is not None:  # the pipeline says the step: the timestep is not read (no host sync)
             step = int(ctx_step)
             num_steps = getattr(context, "num_inference_steps", None)
-        elif t is not None and self._scheduler_timesteps() is not None:
-            timesteps = self._scheduler_timesteps()
-            step = int(torch.argmin((timesteps.float().cpu() - t).abs()).item())
-            num_steps = len(timesteps)
+        else:
+            t = _timestep_value(timestep)  # the one host sync of a forward
+            timesteps = self._host_timesteps()
+            if t is not None and timesteps is not None:
+                step = min(range(len(timesteps)), key=lambda i: abs(timesteps[i] - t))  # first of ties, as argmin
+                num_steps = len(timesteps)
         if step is None:  # bare transformer: count distinct timesteps
             if self._last_timestep is not None and t is not None and t > self._last_timestep + 1e-6:
                 self.new_generation()
@@ -116,11 +119,17 @@ class StepTracker:
         source = self.scheduler
         return source() if callable(source) and not hasattr(source, "timesteps") else source
 
-    def _scheduler_timesteps(self) -> torch.Tensor | None:
+    def _host_timesteps(self) -> list[float] | None:
+        """The scheduler's timesteps (float32 values) on the host, copied once per timesteps tensor (a
+        scheduler's ``set_timesteps`` makes a new one), so matching a step costs no device sync."""
         timesteps = getattr(self._scheduler(), "timesteps", None)
-        if isinstance(timesteps, torch.Tensor) and timesteps.numel() > 0:
-            return timesteps
-        return None
+        if not isinstance(timesteps, torch.Tensor) or timesteps.numel() == 0:
+            return None
+        key = (id(timesteps), timesteps.data_ptr(), timesteps._version, timesteps.shape)
+        if self._timesteps_key != key:
+            self._timesteps_key = key
+            self._timesteps_host = timesteps.detach().float().cpu().tolist()
+        return self._timesteps_host
 
 
 def _timestep_value(timestep: torch.Tensor | float | None) -> float | None:

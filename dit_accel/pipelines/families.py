@@ -115,14 +115,23 @@ def _pixart_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, in
     return 1, hs.shape[2] // p, hs.shape[3] // p
 
 
+_FLUX_GRIDS: dict[tuple, tuple[int, int]] = {}  # img_ids tensor -> (rows, cols): read once, not every step
+
+
 def _flux_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int] | None:
     ids = bound.get("img_ids")
     hs = bound.get("hidden_states")
     if not isinstance(ids, torch.Tensor) or not isinstance(hs, torch.Tensor):
         return None
     ids = ids[0] if ids.dim() == 3 else ids
-    rows = int(ids[:, 1].max().item()) + 1 - int(ids[:, 1].min().item())
-    cols = int(ids[:, 2].max().item()) + 1 - int(ids[:, 2].min().item())
+    # the pipeline builds img_ids once per generation: its extent costs one host sync then, none per step
+    key = (ids.data_ptr(), ids._version, tuple(ids.shape), ids.device)
+    if key not in _FLUX_GRIDS:
+        if len(_FLUX_GRIDS) > 64:
+            _FLUX_GRIDS.clear()
+        extent = (ids[:, 1:3].amax(0) - ids[:, 1:3].amin(0) + 1).tolist()
+        _FLUX_GRIDS[key] = (int(extent[0]), int(extent[1]))
+    rows, cols = _FLUX_GRIDS[key]
     if rows * cols != hs.shape[1]:
         return 1, 1, int(hs.shape[1])
     return 1, rows, cols
