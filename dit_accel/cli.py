@@ -150,8 +150,8 @@ def render(
         base_width=base_width,
         freeswim={"strength": strength, "cache_every": cache_every},
     )
-    if batch_file is not None:  # split across processes: dit_accel.parallel.render_batch
-        from dit_accel.parallel import render_batch
+    if batch_file is not None:  # split across processes: dit_accel.batch.render_batch
+        from dit_accel.batch import render_batch
 
         try:
             batch = render_batch(request, batch_file)

@@ -13,10 +13,12 @@ Without CUDA it runs on CPU over gloo, which is only meant for a smoke test with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -48,13 +50,21 @@ def _option(text: str) -> tuple[str, object]:
         return name.strip(), raw
 
 
+def _one_device_on_cpu() -> contextlib.AbstractContextManager:
+    """For the CPU smoke run: diffusers 0.42.1's ``enable_parallelism`` picks the device as
+    ``rank % torch.accelerator.device_count()``, which divides by zero without an accelerator."""
+    if torch.accelerator.device_count() > 0:
+        return contextlib.nullcontext()
+    return mock.patch.object(torch.accelerator, "device_count", return_value=1)
+
+
 def main() -> None:
     args = _parse()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffusers import ContextParallelConfig
 
     import dit_accel
-    from dit_accel.parallel import cpu_device_count_workaround, local_rank
+    from dit_accel.batch import local_rank
     from dit_accel.render import apply_request, check_size, frames_of, load_pipeline, write_video
 
     cuda = torch.cuda.is_available()
@@ -78,7 +88,7 @@ def main() -> None:
             continue
         heads = transformer.config.num_attention_heads
         config = ContextParallelConfig(ulysses_degree=world, ulysses_anything=heads % world != 0)
-        with cpu_device_count_workaround():
+        with _one_device_on_cpu():
             transformer.enable_parallelism(config=config)
     handle = None
     if args.method != "none":

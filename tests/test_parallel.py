@@ -2,7 +2,7 @@
 
 ``test_ulysses_two_processes_match_one_process`` runs diffusers' real Ulysses context parallelism in two CPU
 processes over gloo (gloo implements the ``all_to_all_single`` Ulysses needs; the only CPU workaround is
-:func:`dit_accel.parallel.cpu_device_count_workaround` around ``enable_parallelism``), so no simulation of the
+``_one_device_on_cpu`` around ``enable_parallelism``), so no simulation of the
 head split is needed. It checks that each rank's sites see the full sequence for half of the heads, that sparse
 calls really ran, and that the output equals the one-process run of the same method to ``atol=1e-5`` (fp32 on
 CPU; observed bit-identical), including an adaptive-refresh configuration whose decisions mix heads.
@@ -10,11 +10,13 @@ CPU; observed bit-identical), including an adaptive-refresh configuration whose 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -24,8 +26,8 @@ from diffusers import ContextParallelConfig
 from diffusers.models._modeling_parallel import ParallelConfig
 
 import dit_accel
-from dit_accel import parallel
-from dit_accel.parallel import cpu_device_count_workaround, head_sum_count, merge_records, read_prompts, shard
+from dit_accel import batch, parallel
+from dit_accel.parallel import head_sum_count
 from dit_accel.testing import tiny_pipeline
 
 WORLD = 2
@@ -34,38 +36,11 @@ WORLD = 2
 DRIFT = 0.036
 
 
-# -- pure helpers ---------------------------------------------------------------------------------------------
-
-
-def test_shard_covers_every_item_once_and_balances() -> None:
-    items = [f"p{i}" for i in range(11)]
-    shards = [shard(items, r, 3) for r in range(3)]
-    indices = sorted(i for s in shards for i, _ in s)
-    assert indices == list(range(11))
-    assert [len(s) for s in shards] == [4, 4, 3]
-    assert all(items[i] == item for s in shards for i, item in s)
-    with pytest.raises(ValueError, match="rank=3"):
-        shard(items, 3, 3)
-
-
-def test_merge_restores_order_and_reports_gaps() -> None:
-    records = [{"index": 2}, {"index": 0}, {"index": 1}]
-    assert [r["index"] for r in merge_records(records, 3)] == [0, 1, 2]
-    with pytest.raises(ValueError, match=r"no record for item\(s\) \[1\]"):
-        merge_records([{"index": 0}, {"index": 2}], 3)
-    with pytest.raises(ValueError, match="twice"):
-        merge_records([{"index": 0}, {"index": 0}], 1)
-
-
-def test_read_prompts_skips_comments_and_blank_lines(tmp_path: Path) -> None:
-    path = tmp_path / "prompts.txt"
-    path.write_text("# header\na cat\n\n  a dog  \n")
-    assert read_prompts(path) == ["a cat", "a dog"]
-    path.write_text("# only a comment\n")
-    with pytest.raises(ValueError, match="no prompts"):
-        read_prompts(path)
-    with pytest.raises(FileNotFoundError, match="--batch-file"):
-        read_prompts(tmp_path / "missing.txt")
+def _one_device_on_cpu() -> contextlib.AbstractContextManager:
+    """diffusers 0.42.1's ``enable_parallelism`` picks ``rank % torch.accelerator.device_count()``: 0 on CPU."""
+    if torch.accelerator.device_count() > 0:
+        return contextlib.nullcontext()
+    return mock.patch.object(torch.accelerator, "device_count", return_value=1)
 
 
 def test_head_sum_count_without_a_group_is_this_ranks_sum_and_count() -> None:
@@ -152,7 +127,7 @@ def _check_rank(rank: int, folder: Path) -> None:
     for method, options in (("rettention", {"refresh_drift": DRIFT}), ("sla", {})):
         single, kwargs = tiny_pipeline("wan")
         split, _ = tiny_pipeline("wan")
-        with cpu_device_count_workaround():
+        with _one_device_on_cpu():
             split.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
         ref, ref_stats, ref_seen = _run(single, kwargs, method, options)
         out, stats, seen = _run(split, kwargs, method, options)
@@ -175,7 +150,7 @@ def _check_rank(rank: int, folder: Path) -> None:
     assert total / count == pytest.approx(5.0 / 3.0)  # (1 + 2 + 2) / 3
     # ring on a real process mesh is refused when accelerate() is called
     ring, _ = tiny_pipeline("wan")
-    with cpu_device_count_workaround():
+    with _one_device_on_cpu():
         ring.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=WORLD))
     with pytest.raises(ValueError, match="ring mode"):
         dit_accel.accelerate(ring, "blocktopk")
@@ -198,15 +173,15 @@ def _check_rank(rank: int, folder: Path) -> None:
     if rank == 0:
         prompts.write_text("a\nb\n# skipped\nc\n")
     dist.barrier()
-    result = parallel.render_batch(render_module.RenderRequest(out=str(folder / "out.txt")), prompts)
-    assert [r["index"] for r in result["records"]] == ([0, 2] if rank == 0 else [1])
+    result = batch.render_batch(render_module.RenderRequest(out=str(folder / "out.txt")), prompts)
+    assert [r["index"] for r in result["records"]] == ([0] if rank == 0 else [1, 2])  # contiguous shares
 
 
 @pytest.mark.slow
 def test_ulysses_two_processes_match_one_process(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [(r["index"], r["prompt"], r["rank"]) for r in summary["items"]] == [(0, "a", 0), (1, "b", 1), (2, "c", 0)]
+    assert [(r["index"], r["prompt"], r["rank"]) for r in summary["items"]] == [(0, "a", 0), (1, "b", 1), (2, "c", 1)]
     assert summary["world_size"] == WORLD and summary["failed"] == []
     assert (tmp_path / "out" / "0001.txt").read_text() == "b"
 

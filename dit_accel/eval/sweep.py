@@ -18,17 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as _config
+from ..batch import rank_world, shard
 from .evaluate import BaselineCache, config_key, evaluate
 
 __all__ = [
     "SweepSpec",
     "build_grid",
-    "dist_info",
     "load_results",
     "merge_parts",
     "record_id",
     "run_sweep",
-    "shard",
 ]
 
 RESULTS = "results.json"
@@ -112,29 +111,6 @@ def record_id(key: str, seed: int, prompt: str | None) -> str:
     return json.dumps([key, int(seed), prompt])
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size): from accelerate's ``PartialState`` when it is initialised, else ``RANK``/``WORLD_SIZE``."""
-    try:
-        from accelerate.state import PartialState
-
-        if PartialState._shared_state:
-            state = PartialState()
-            return int(state.process_index), int(state.num_processes)
-    except Exception:  # noqa: BLE001 - accelerate missing or not configured: fall back to the environment
-        pass
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return rank, max(1, world)
-
-
-def shard(items: Sequence[Any], rank: int, world: int) -> list[Any]:
-    """Contiguous share ``rank`` of ``world``: order-preserving, sizes differ by at most one."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank={rank} is outside world size {world}")
-    n = len(items)
-    return list(items[rank * n // world : (rank + 1) * n // world])
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(text)
@@ -200,14 +176,15 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or resume) a sweep into ``out``; returns ``{"done", "skipped", "records", "files"}``.
 
-    Every process calls this with the same arguments; ``rank``/``world`` default to :func:`dist_info`.
+    Every process calls this with the same arguments; ``rank``/``world`` default to
+    :func:`dit_accel.batch.rank_world`.
     """
     from tqdm.auto import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if rank is None or world is None:
-        rank, world = dist_info()
+        rank, world = rank_world()
     configs = build_grid(spec)
     finished = _finished(out)
     pairs = [(p, s) for p in spec.prompts for s in spec.seeds]
@@ -218,7 +195,7 @@ def run_sweep(
         if record_id(config_key(cfg), seed, prompt) not in finished
     ]
     total = len(configs) * len(pairs)
-    mine = shard(todo, rank, world)
+    mine = [item for _, item in shard(todo, rank, world)]
     spec_dict = spec.to_dict()
 
     part_records: list[dict[str, Any]] = []

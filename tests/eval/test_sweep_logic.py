@@ -31,21 +31,6 @@ def test_grid_rejects_bad_input_before_running():
         sweep.build_grid(sweep.SweepSpec(methods=["blocktopk"], sparsity=[1.5]))
 
 
-def test_shard_is_a_contiguous_partition():
-    items = list(range(10))
-    parts = [sweep.shard(items, r, 3) for r in range(3)]
-    assert sum(parts, []) == items
-    assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    with pytest.raises(ValueError):
-        sweep.shard(items, 3, 3)
-
-
-def test_dist_info_from_environment(monkeypatch):
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert sweep.dist_info() == (1, 2)
-
-
 def _record(method, sparsity, seed, speed, psnr, paper=False):
     return {
         "key": json.dumps({"method": method, "sparsity": sparsity}, sort_keys=True),
