@@ -7,6 +7,11 @@ the MODEL and installs an override that runs self-attention in the step window t
 every call it declines (cross-attention, masks, dense blocks, short sequences, steps outside the window, the
 method's own schedule) to the override that was there before, or to ComfyUI's ``func``.
 
+What belongs to one model lives in that model's ``transformer_options`` (the fallback override), what belongs to
+one transformer forward lives in the forward's own ``transformer_options`` (sigma, step, latent grid, an override
+a later node put on top), so clones of the patched model never see each other's state. The dense decision, the
+schedule, per-block caches and stats live in the site core (:class:`dit_accel.core.SiteGroup`).
+
 Only this module imports ``comfy`` (lazily, when a node runs); the dit_accel core never does.
 """
 
@@ -15,14 +20,16 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 # Absolute imports: when this folder is loaded as a ComfyUI custom node it is a top-level package of its own.
-from dit_accel.config import DEFAULT_METHOD, METHODS, PRESETS, AccelConfig, resolve_config
+from dit_accel.config import DEFAULT_METHOD, METHODS, PRESETS, AccelConfig, parse_layers, resolve_config
 from dit_accel.core import SiteGroup
 from dit_accel.layout import TokenLayout
 from dit_accel.state import DenoiseState
@@ -33,18 +40,26 @@ __all__ = [
     "SparseAttentionPatch",
     "apply_sparse_attention",
     "step_from_sigmas",
+    "validate_node_inputs",
 ]
 
 KEY = "dit_accel_sparse_attention"
 OVERRIDE = "optimized_attention_override"
+#: ``transformer_options[FALLBACKS][patch token]``: the override that was below ours when the node ran (per model)
+FALLBACKS = "dit_accel_fallbacks"
+#: ``transformer_options[FORWARDS][patch token]``: the :class:`_Forward` of the transformer forward running now
+FORWARDS = "dit_accel_forwards"
 NODE_ID = "DiTSparseAttention"
 DISPLAY_NAME = "DiT Sparse Attention"
 CATEGORY = "model/patch"
+#: float32 sigmas and percent_to_sigma's float64 edges differ by rounding: this many float32 ulps count as equal
+EDGE_ULPS = 8
 
 log = logging.getLogger("dit_accel.comfyui")
 
 
 def _scalar(value: Any) -> float | None:
+    """One number from ComfyUI's ``sigmas`` (a tensor of one sigma per batch row): a host sync for a tensor."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
@@ -54,15 +69,8 @@ def _scalar(value: Any) -> float | None:
     return float(value)
 
 
-def step_from_sigmas(sigma: Any, sample_sigmas: Any) -> tuple[int | None, int | None]:
-    """(step index, number of steps) of the current sigma in the sampler's schedule (None when unknown).
-
-    An exact match is taken first; otherwise the interval of the schedule holding ``sigma``.
-    """
-    t = _scalar(sigma)
-    if t is None or sample_sigmas is None:
-        return None, None
-    schedule = [float(s) for s in torch.as_tensor(sample_sigmas).detach().float().flatten().tolist()]
+def _match_step(t: float, schedule: list[float]) -> tuple[int | None, int | None]:
+    """(step, steps) of sigma ``t`` in a host copy of the schedule: an exact match first, else its interval."""
     if len(schedule) < 2:
         return None, None
     steps = len(schedule) - 1
@@ -75,8 +83,81 @@ def step_from_sigmas(sigma: Any, sample_sigmas: Any) -> tuple[int | None, int | 
     return None, steps
 
 
+def _host_list(values: Any) -> list[float]:
+    return [float(s) for s in torch.as_tensor(values).detach().float().flatten().tolist()]
+
+
+def step_from_sigmas(sigma: Any, sample_sigmas: Any) -> tuple[int | None, int | None]:
+    """(step index, number of steps) of the current sigma in the sampler's schedule (None when unknown).
+
+    An exact match is taken first; otherwise the interval of the schedule holding ``sigma``. This reads both to
+    the host; the node itself does it once per transformer forward and caches the schedule.
+    """
+    t = _scalar(sigma)
+    if t is None or sample_sigmas is None:
+        return None, None
+    return _match_step(t, _host_list(sample_sigmas))
+
+
+def in_sigma_window(sigma: float, sigma_start: float, sigma_end: float) -> bool:
+    """Whether ``sigma`` lies in ``[sigma_end, sigma_start]``, both edges included (ComfyUI's timestep ranges).
+
+    Sigmas reach the model as float32 tensors while ``percent_to_sigma`` returns a Python float, so a sigma
+    computed for the edge may read a few float32 ulps outside it; that much counts as on the edge.
+    """
+    eps = EDGE_ULPS * 2.0**-23  # float32 machine epsilon x ulps, relative
+    return sigma_end * (1 - eps) - 1e-12 <= sigma <= sigma_start * (1 + eps) + 1e-12
+
+
+def validate_node_inputs(start_percent: Any, end_percent: Any, dense_blocks: Any) -> bool | str:
+    """ComfyUI's validation convention (V1 ``VALIDATE_INPUTS``, V3 ``validate_inputs``): True, or a message.
+
+    ComfyUI skips its own min/max check of every input a validation function takes, so the range is checked here.
+    ``dense_blocks`` goes through the config's own parser (:func:`dit_accel.config.parse_layers`), so the node and
+    the library accept the same strings.
+    """
+    for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            return f"{name}={value!r} must be a number in [0, 1]"
+    if start_percent > end_percent:
+        return (
+            f"start_percent={start_percent!r} is after end_percent={end_percent!r}; sparse attention runs from "
+            "start_percent to end_percent, so start_percent must not exceed end_percent"
+        )
+    if not isinstance(dense_blocks, str):
+        return f"dense_blocks={dense_blocks!r} must be a string of block indices and ranges like '0, 1, 28-29'"
+    try:
+        parse_layers(dense_blocks, "dense_blocks")
+    except ValueError as error:
+        return str(error)
+    return True
+
+
+def _check_inputs(start_percent: Any, end_percent: Any, dense_blocks: Any) -> None:
+    verdict = validate_node_inputs(start_percent, end_percent, dense_blocks)
+    if verdict is not True:
+        raise ValueError(verdict)
+
+
+@dataclass
+class _Forward:
+    """What one transformer forward shares with its attention calls (read once: no host sync per call)."""
+
+    sigma: float | None
+    step: int | None
+    steps: int | None
+    reason: str | None  # "outside_window" or None
+    grid: tuple[int, int, int] | None = None
+    above: Callable[..., Any] | None = None  # an override a later node put on top, moved below ours
+    calls: int = 0  # self-attention calls so far (block index when transformer_options has none)
+
+
 class SparseAttentionPatch:
-    """State and logic behind one node instance: decides per call, keeps per-block caches, counts decisions."""
+    """The logic behind one node instance, shared by every clone of the patched model.
+
+    It holds the site core and caches derived from the model being sampled (the sigma window, the host copy of the
+    schedule); what differs between clones (the fallback override) is read from each call's ``transformer_options``.
+    """
 
     def __init__(
         self,
@@ -84,25 +165,24 @@ class SparseAttentionPatch:
         *,
         start_percent: float = 0.0,
         end_percent: float = 1.0,
-        sigma_start: float | None = None,
-        sigma_end: float | None = None,
         verbose: bool = False,
     ) -> None:
-        if not 0.0 <= start_percent <= end_percent <= 1.0:
-            raise ValueError(f"start_percent={start_percent}, end_percent={end_percent}: need 0 <= start <= end <= 1")
+        verdict = validate_node_inputs(start_percent, end_percent, "")
+        if verdict is not True:
+            raise ValueError(verdict)
         self.config = config
         # the site core (dense decision, schedule, per-block state, stats); the grid check below stands for the
         # layout, and anything beside the latent grid may be text, so a missing layout stays dense
         self.sites = SiteGroup(config, text_tokens=True)
         self.start_percent = float(start_percent)
         self.end_percent = float(end_percent)
-        self.sigma_start = sigma_start
-        self.sigma_end = sigma_end
         self.verbose = verbose
-        self.previous: Callable[..., Any] | None = None
-        self.grid: tuple[int, int, int] | None = None
-        self.self_calls = 0
+        self.token = uuid.uuid4().hex  # this patch's key in transformer_options[FALLBACKS] / [FORWARDS]
         self.generation = 0
+        self.window: tuple[float, float] | None = None  # (sigma_start, sigma_end) of the model being sampled
+        self._sampling: Any = None  # the model_sampling object ``window`` was computed from
+        self._schedule: tuple[torch.Tensor, int, list[float]] | None = None  # (tensor, version, host copy)
+        self._loose: tuple[Any, Any, int, _Forward] | None = None  # a forward seen without our wrapper
         self._last_step = -1
         self._logged: set[str] = set()
         self._declined: Counter = Counter()
@@ -122,12 +202,19 @@ class SparseAttentionPatch:
         return dit_accel_override
 
     def install(self, transformer_options: dict[str, Any]) -> None:
-        """Put our override on top, remembering the current one as the fallback (idempotent)."""
+        """Put our override on top of a model's ``transformer_options``; the one there becomes this model's
+        fallback (stored in the same dict, so each clone keeps its own). Idempotent."""
         current = transformer_options.get(OVERRIDE)
         if current is self.override:
             return
-        self.previous = current
+        fallbacks = dict(transformer_options.get(FALLBACKS) or {})  # a new dict: never edit one a clone shares
+        fallbacks[self.token] = current
+        transformer_options[FALLBACKS] = fallbacks
         transformer_options[OVERRIDE] = self.override
+
+    def fallback(self, transformer_options: dict[str, Any]) -> Callable[..., Any] | None:
+        """The override below ours in this model's (or this forward's) ``transformer_options``."""
+        return (transformer_options.get(FALLBACKS) or {}).get(self.token)
 
     @property
     def method(self) -> Any:
@@ -148,11 +235,12 @@ class SparseAttentionPatch:
         return total
 
     def reset(self) -> None:
-        """Forget caches and the step position (a sampling run ended)."""
+        """Forget caches, the step position and the sampled model's window (a sampling run ended)."""
         self.sites.new_generation()
-        self.grid = None
-        self.self_calls = 0
         self._last_step = -1
+        self.window = None
+        self._sampling = None
+        self._loose = None
 
     def stats(self) -> dict[str, Any]:
         reasons = self.dense_reasons
@@ -165,107 +253,168 @@ class SparseAttentionPatch:
         }
 
     # ----------------------------------------------------------------------------------------- callbacks
-    def diffusion_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
-        """``WrappersMP.DIFFUSION_MODEL``: read the latent grid from ``x`` [B, C, F, H, W] and start a forward."""
-        x = args[0] if args else kwargs.get("x")
-        model = getattr(executor, "class_obj", None)
-        patch = getattr(model, "patch_size", None) or (1, 2, 2)
-        patch = tuple(int(p) for p in patch) if isinstance(patch, (tuple, list)) else (1, int(patch), int(patch))
-        if isinstance(x, torch.Tensor) and x.dim() == 5:
-            f, h, w = x.shape[2:]
-            self.grid = (math.ceil(f / patch[0]), math.ceil(h / patch[1]), math.ceil(w / patch[2]))
-        elif isinstance(x, torch.Tensor) and x.dim() == 4:
-            h, w = x.shape[2:]
-            self.grid = (1, math.ceil(h / patch[-2]), math.ceil(w / patch[-1]))
-        else:
-            self.grid = None
-        self.self_calls = 0
-        return executor(*args, **kwargs)
-
     def on_prepare_state(self, patcher: Any, *args: Any, **kwargs: Any) -> None:
-        """``CallbacksMP.ON_PREPARE_STATE``: re-install on top, so a later node cannot silently replace us."""
-        options = kwargs.get("model_options")
-        if options is None:
-            options = next((a for a in args if isinstance(a, dict)), None)
-        targets = [getattr(patcher, "model_options", None), options]
-        for target in targets:
-            if isinstance(target, dict):
-                self.install(target.setdefault("transformer_options", {}))
+        """``CallbacksMP.ON_PREPARE_STATE`` (ComfyUI calls ``callback(patcher, timestep)`` before each step's model
+        calls, on the patcher being sampled): the start/end percent become sigmas of *that* model's
+        ``model_sampling``, so a shift node (ModelSamplingSD3) placed after this node counts."""
+        try:
+            sampling = patcher.get_model_object("model_sampling")
+        except Exception:  # noqa: BLE001 - no model_sampling: the window falls back to the step fraction
+            sampling = None
+        if sampling is self._sampling and (sampling is None or self.window is not None):
+            return
+        self._sampling = sampling
+        self.window = None
+        if sampling is not None and hasattr(sampling, "percent_to_sigma"):
+            start = float(sampling.percent_to_sigma(self.start_percent))
+            end = float(sampling.percent_to_sigma(self.end_percent))
+            self.window = (start, end)
 
     def on_cleanup(self, *args: Any, **kwargs: Any) -> None:
         """``CallbacksMP.ON_CLEANUP``: drop per-run state."""
         self.reset()
 
+    def diffusion_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        """``WrappersMP.DIFFUSION_MODEL``: read sigma, step and latent grid once for the forward, and keep our
+        override on top of this forward's ``transformer_options`` (a later node's override goes below it)."""
+        options = _forward_options(args, kwargs)
+        if options is None:
+            return executor(*args, **kwargs)
+        forward = self._begin_forward(options, args[0] if args else kwargs.get("x"), executor)
+        current = options.get(OVERRIDE)
+        saved_override, had_override = current, OVERRIDE in options
+        saved_forwards, had_forwards = options.get(FORWARDS), FORWARDS in options
+        if current is not self.override and getattr(current, "_dit_accel_patch", None) is None:
+            # a later node replaced (or wrapped) ours: run ours first and hand declined calls to it; another
+            # dit_accel override is left alone, it chains to us through its own fallback
+            forward.above = current
+            options[OVERRIDE] = self.override
+        options[FORWARDS] = {**(saved_forwards or {}), self.token: forward}
+        try:
+            return executor(*args, **kwargs)
+        finally:  # nothing stays behind in the dict, even when it is the model's own
+            for key, had, value in ((OVERRIDE, had_override, saved_override), (FORWARDS, had_forwards, saved_forwards)):
+                if had:
+                    options[key] = value
+                else:
+                    options.pop(key, None)
+
+    def _begin_forward(self, options: dict[str, Any], x: Any, executor: Any) -> _Forward:
+        forward = self._read_step(options)
+        model = getattr(executor, "class_obj", None)
+        patch = getattr(model, "patch_size", None) or (1, 2, 2)
+        patch = tuple(int(p) for p in patch) if isinstance(patch, (tuple, list)) else (1, int(patch), int(patch))
+        if isinstance(x, torch.Tensor) and x.dim() == 5:
+            f, h, w = x.shape[2:]
+            forward.grid = (math.ceil(f / patch[0]), math.ceil(h / patch[1]), math.ceil(w / patch[2]))
+        elif isinstance(x, torch.Tensor) and x.dim() == 4:
+            h, w = x.shape[2:]
+            forward.grid = (1, math.ceil(h / patch[-2]), math.ceil(w / patch[-1]))
+        return forward
+
+    def _read_step(self, options: dict[str, Any]) -> _Forward:
+        """Sigma (one host sync), step (from a host copy of the schedule, made once per schedule tensor), window."""
+        sigma = _scalar(options.get("sigmas"))
+        step = steps = None
+        schedule = self._host_schedule(options.get("sample_sigmas"))
+        if sigma is not None and schedule is not None:
+            step, steps = _match_step(sigma, schedule)
+        if step is not None:
+            if step < self._last_step:
+                self.sites.new_generation()  # a new sampling run started without a clean-up
+                self.generation += 1
+            self._last_step = step
+        reason = None if self._in_window(sigma, step, steps) else "outside_window"
+        return _Forward(sigma=sigma, step=step, steps=steps, reason=reason)
+
+    def _host_schedule(self, sample_sigmas: Any) -> list[float] | None:
+        if sample_sigmas is None:
+            return None
+        if not isinstance(sample_sigmas, torch.Tensor):
+            return _host_list(sample_sigmas)
+        cached = self._schedule
+        if cached is None or cached[0] is not sample_sigmas or cached[1] != sample_sigmas._version:
+            cached = (sample_sigmas, sample_sigmas._version, _host_list(sample_sigmas))
+            self._schedule = cached
+        return cached[2]
+
+    def _in_window(self, sigma: float | None, step: int | None, steps: int | None) -> bool:
+        if sigma is not None and self.window is not None:
+            return in_sigma_window(sigma, *self.window)
+        if step is None or not steps:
+            return True
+        fraction = step / steps
+        return self.start_percent <= fraction and (fraction < self.end_percent or self.end_percent >= 1.0)
+
+    def _forward_of(self, options: dict[str, Any]) -> _Forward:
+        """This call's forward: the one our wrapper set up, else one read from ``options`` (cached per options dict
+        and sigmas tensor, so calls of one forward share it; no latent grid, so self-attention stays dense)."""
+        forward = (options.get(FORWARDS) or {}).get(self.token)
+        if forward is not None:
+            return forward
+        sigmas = options.get("sigmas")
+        version = sigmas._version if isinstance(sigmas, torch.Tensor) else 0
+        loose = self._loose
+        if loose is None or loose[0] is not options or loose[1] is not sigmas or loose[2] != version:
+            loose = (options, sigmas, version, self._read_step(options))
+            self._loose = loose
+        return loose[3]
+
     # ----------------------------------------------------------------------------------------- attention
-    def _decline(self, reason: str, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        options = kwargs.get("transformer_options") or {}
+        if getattr(self._local, "busy", False):  # the override above ours called back in: go on below
+            return self._call(self.fallback(options), func, args, kwargs)
+        self._local.busy = True
+        try:
+            return self._attend(func, args, kwargs, options)
+        finally:
+            self._local.busy = False
+
+    def _decline(self, reason: str, dense: Callable[[], Any]) -> Any:
         """Calls that never reach a site (not attention the core can read) are counted here."""
         self._declined[reason] += 1
-        return self._fallback(reason, func, args, kwargs)
-
-    def _fallback(self, reason: str, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         if self.verbose:
             self._log(reason)
-        return self._raw(func, args, kwargs)
+        return dense()
 
     def _log(self, reason: str) -> None:
         if reason not in self._logged:
             self._logged.add(reason)
             log.info("dit_accel: attention stays dense (%s)", reason)
 
-    def _in_window(self, sigma: float | None, step: int | None, steps: int | None) -> bool:
-        if sigma is not None and self.sigma_start is not None and self.sigma_end is not None:
-            # sigmas arrive as float32 tensors: a sigma on the window's edge may read a few ulps outside it
-            tol = 1e-6 * max(1.0, abs(sigma))
-            return self.sigma_end - tol <= sigma <= self.sigma_start + tol
-        if step is None or not steps:
-            return True
-        fraction = step / steps
-        return self.start_percent <= fraction and (fraction < self.end_percent or self.end_percent >= 1.0)
-
-    def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if getattr(self._local, "busy", False):  # a foreign override chained on top of us called back in
-            return func(*args, **kwargs)
-        self._local.busy = True
-        try:
-            return self._attend(func, args, kwargs)
-        finally:
-            self._local.busy = False
-
-    def _attend(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    def _attend(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any], options: dict[str, Any]) -> Any:
         names = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
         bound = dict(zip(names, args))
         bound.update({k: v for k, v in kwargs.items() if k in names})
         q, k, v, heads = bound.get("q"), bound.get("k"), bound.get("v"), bound.get("heads")
-        options = kwargs.get("transformer_options") or {}
+        forward = self._forward_of(options)
+        target = forward.above or self.fallback(options)
+
+        def dense() -> Any:
+            return self._call(target, func, args, kwargs)
+
         if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or heads is None:
-            return self._decline("layout", func, args, kwargs)
+            return self._decline("layout", dense)
         if q.shape != k.shape or k.shape[:-1] != v.shape[:-1]:
-            return self._decline("cross_attention", func, args, kwargs)
+            return self._decline("cross_attention", dense)
         block = options.get("block_index")
         if block is None:
-            block = self.self_calls
-        self.self_calls += 1
+            block = forward.calls
+        forward.calls += 1
         skip_reshape = bool(bound.get("skip_reshape", False))
         if skip_reshape:
             qh, kh, vh = q, k, v  # (B, H, S, D)
         else:
             b, s, _ = q.shape
             qh, kh, vh = (t.view(b, s, int(heads), -1).transpose(1, 2) for t in (q, k, v))
-        sigma = _scalar(options.get("sigmas"))
-        step, steps = step_from_sigmas(options.get("sigmas"), options.get("sample_sigmas"))
-        reason = None if self._in_window(sigma, step, steps) else "outside_window"
-        if step is not None and step < self._last_step:
-            self.sites.new_generation()  # a new sampling run started without a clean-up
-            self.generation += 1
-        if step is not None:
-            self._last_step = step
         branch = "-".join(str(c) for c in options.get("cond_or_uncond", [])) or "pass0"
         tokens = qh.shape[2]
-        grid = self.grid
+        grid = forward.grid
         layout = TokenLayout(grid=grid) if grid is not None and grid[0] * grid[1] * grid[2] == tokens else None
         state = DenoiseState(
-            step=step if step is not None else 0, num_steps=steps, branch=branch, generation=self.generation,
-            timestep=sigma, layout=layout, active=True,
+            step=forward.step if forward.step is not None else 0, num_steps=forward.steps, branch=branch,
+            generation=self.generation, timestep=forward.sigma, layout=layout, active=True,
         )  # fmt: skip
 
         def to_caller(out: torch.Tensor) -> torch.Tensor:
@@ -278,18 +427,31 @@ class SparseAttentionPatch:
         site = self.sites.site(int(block), f"blocks.{block}")
         before = Counter(site.stats.dense_reasons)
         out = site.attend(
-            qh, kh, vh, state=state, dense=lambda: self._raw(func, args, kwargs), attn_mask=bound.get("mask"),
-            reason=reason, to_caller=to_caller,
+            qh, kh, vh, state=state, dense=dense, attn_mask=bound.get("mask"), reason=forward.reason,
+            to_caller=to_caller,
         )  # fmt: skip
         if self.verbose:
             for why in site.stats.dense_reasons - before:
                 self._log(why)
         return out
 
-    def _raw(self, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-        if self.previous is not None:
-            return self.previous(func, *args, **kwargs)
+    @staticmethod
+    def _call(target: Callable[..., Any] | None, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if target is not None:
+            return target(func, *args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _forward_options(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``transformer_options`` a ``DIFFUSION_MODEL`` wrapper received: a keyword, or the positional dict that
+    carries our fallbacks (models pass it in different positions: Wan 6th, Flux 8th, ...)."""
+    options = kwargs.get("transformer_options")
+    if isinstance(options, dict):
+        return options
+    for arg in args:
+        if isinstance(arg, dict) and (FALLBACKS in arg or OVERRIDE in arg):
+            return arg
+    return None
 
 
 def apply_sparse_attention(
@@ -307,31 +469,20 @@ def apply_sparse_attention(
     """A clone of the ComfyUI ``ModelPatcher`` ``model`` with dit_accel sparse self-attention installed.
 
     ``sparsity`` < 0 or None keeps the preset's own value; ``dense_blocks`` takes indices and ranges like
-    ``"0, 1, 28-29"``; ``options`` are any other :class:`~dit_accel.AccelConfig` fields.
+    ``"0, 1, 28-29"``; ``options`` are any other :class:`~dit_accel.AccelConfig` fields. The start/end percent
+    become sigmas when sampling starts, from the model being sampled
+    (:meth:`SparseAttentionPatch.on_prepare_state`).
     """
     from comfy.patcher_extension import CallbacksMP, WrappersMP
 
+    _check_inputs(start_percent, end_percent, dense_blocks)
     settings = dict(options)
     if sparsity is not None and sparsity >= 0:
         settings["sparsity"] = float(sparsity)
     settings["min_tokens"] = int(min_tokens)
-    settings["dense_layers"] = dense_blocks or ()
+    settings["dense_layers"] = parse_layers(dense_blocks, "dense_blocks")
     config = resolve_config(method, **settings)
-    sigma_start = sigma_end = None
-    try:
-        sampling = model.get_model_object("model_sampling")
-        sigma_start = float(sampling.percent_to_sigma(start_percent))
-        sigma_end = float(sampling.percent_to_sigma(end_percent))
-    except Exception:  # noqa: BLE001 - no model_sampling: fall back to the step fraction
-        pass
-    patch = SparseAttentionPatch(
-        config,
-        start_percent=start_percent,
-        end_percent=end_percent,
-        sigma_start=sigma_start,
-        sigma_end=sigma_end,
-        verbose=verbose,
-    )
+    patch = SparseAttentionPatch(config, start_percent=start_percent, end_percent=end_percent, verbose=verbose)
     patched = model.clone()
     patch.install(patched.model_options.setdefault("transformer_options", {}))
     patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, _function(patch.diffusion_model_wrapper))
@@ -402,6 +553,11 @@ class DiTSparseAttention:
     DESCRIPTION = "Step-aware sparse self-attention from dit_accel for DiT video models (Wan and friends)."
     EXPERIMENTAL = True
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent: float, end_percent: float, dense_blocks: str) -> bool | str:  # noqa: N802
+        """Checked when the prompt is queued (ComfyUI's name and convention: True, or an error message)."""
+        return validate_node_inputs(start_percent, end_percent, dense_blocks)
+
     def patch(
         self,
         model: Any,
@@ -438,15 +594,30 @@ def v3_extension() -> Any:
                 is_experimental=True,
                 inputs=[
                     io.Model.Input("model"),
-                    io.Combo.Input("method", options=_method_choices(), default=DEFAULT_METHOD),
-                    io.Float.Input("sparsity", default=0.9, min=-1.0, max=0.99, step=0.01),
-                    io.Float.Input("start_percent", default=0.2, min=0.0, max=1.0, step=0.01),
-                    io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01),
-                    io.String.Input("dense_blocks", default="0"),
-                    io.Int.Input("min_tokens", default=4096, min=0, max=1 << 24, step=64),
+                    io.Combo.Input(
+                        "method", options=_method_choices(), default=DEFAULT_METHOD, tooltip=_TOOLTIPS["method"]
+                    ),
+                    io.Float.Input(
+                        "sparsity", default=0.9, min=-1.0, max=0.99, step=0.01, tooltip=_TOOLTIPS["sparsity"]
+                    ),
+                    io.Float.Input(
+                        "start_percent", default=0.2, min=0.0, max=1.0, step=0.01, tooltip=_TOOLTIPS["start_percent"]
+                    ),
+                    io.Float.Input(
+                        "end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=_TOOLTIPS["end_percent"]
+                    ),
+                    io.String.Input("dense_blocks", default="0", tooltip=_TOOLTIPS["dense_blocks"]),
+                    io.Int.Input(
+                        "min_tokens", default=4096, min=0, max=1 << 24, step=64, tooltip=_TOOLTIPS["min_tokens"]
+                    ),
                 ],
                 outputs=[io.Model.Output()],
             )
+
+        @classmethod
+        def validate_inputs(cls, start_percent: float, end_percent: float, dense_blocks: str) -> bool | str:
+            """V3's VALIDATE_INPUTS: the same check as the V1 node."""
+            return validate_node_inputs(start_percent, end_percent, dense_blocks)
 
         @classmethod
         def execute(cls, model, method, sparsity, start_percent, end_percent, dense_blocks, min_tokens) -> Any:
