@@ -2,16 +2,51 @@
 
 Used by the tests and by ``dit-accel render --model tiny-wan``. Each builder returns the pipeline and the call
 arguments (``prompt_embeds`` and friends instead of prompts), sized so self-attention sees several hundred tokens.
+:class:`HostSyncCounter` counts the calls that copy a tensor value to the host (device syncs on a GPU).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["TINY_FAMILIES", "tiny_pipeline"]
+__all__ = ["TINY_FAMILIES", "HostSyncCounter", "tiny_pipeline"]
+
+#: Tensor methods that copy a value to the host: on a GPU each waits for the stream.
+HOST_SYNCS = {
+    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+    torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy,
+}  # fmt: skip
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Counts host-sync calls made inside it, by ``where`` (a label the caller sets around what it measures).
+
+    Calls from the PyTorch reference kernels (the CPU oracle; on CUDA the Triton kernels run) are left out.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where = "model"
+        self.counts: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_SYNCS and not _in_reference_kernels():
+            self.counts[self.where] = self.counts.get(self.where, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _in_reference_kernels() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(("kernels/reference.py", "kernels/masks.py")):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _gen(seed: int) -> torch.Generator:

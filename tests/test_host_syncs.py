@@ -8,45 +8,14 @@ sync once, so the test asserts the count does not grow with the number of steps.
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import dit_accel
-from dit_accel.testing import tiny_pipeline
-
-_SYNCS = {
-    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
-    torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy,
-}  # fmt: skip
+from dit_accel.testing import HostSyncCounter, tiny_pipeline
 
 
-class SyncCounter(TorchFunctionMode):
-    """Counts host-sync calls, split by where they happen (``where`` is set by the spies below)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.where = "model"
-        self.counts: dict[str, int] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _SYNCS and not _in_reference_kernels():
-            self.counts[self.where] = self.counts.get(self.where, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-def _in_reference_kernels() -> bool:
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_filename.endswith(("kernels/reference.py", "kernels/masks.py")):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _spy(counter: SyncCounter, obj, name: str, where: str) -> None:
+def _spy(counter: HostSyncCounter, obj, name: str, where: str) -> None:
     original = getattr(obj, name)
 
     def spied(*args, **kwargs):
@@ -63,7 +32,7 @@ def _count(method: str, options: dict, steps: int, family: str = "wan") -> tuple
     pipe, kwargs = tiny_pipeline(family)
     kwargs = dict(kwargs, num_inference_steps=steps)
     handle = dit_accel.accelerate(pipe, method, min_tokens=64, dense_steps=1, **options)
-    counter = SyncCounter()
+    counter = HostSyncCounter()
     acc = handle.accelerators["transformer"]
     for site in acc.sites:
         _spy(counter, site, "attend", "attention")

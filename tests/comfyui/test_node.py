@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from dit_accel.methods import SiteCall, build_method
 from dit_accel.site_state import BranchState
 from dit_accel.state import DenoiseState
+from dit_accel.testing import HostSyncCounter
 
 OVERRIDE = "optimized_attention_override"
 SIGMAS = [1.0, 0.75, 0.5, 0.25, 0.0]  # 4 steps; with start_percent=0.5 steps 2 and 3 are in the window
@@ -316,40 +316,11 @@ def test_validation_parses_dense_blocks_like_the_config():
             AccelConfig(dense_layers=text)
 
 
-_SYNCS = {
-    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
-    torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy,
-}  # fmt: skip
-
-
-class _SyncCounter(TorchFunctionMode):
-    """Host-sync calls by where they happen (as tests/test_host_syncs.py counts them), reference kernels left out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.where = "model"
-        self.counts: dict[str, int] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _SYNCS and not _in_reference_kernels():
-            self.counts[self.where] = self.counts.get(self.where, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-def _in_reference_kernels() -> bool:
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_filename.endswith(("kernels/reference.py", "kernels/masks.py")):
-            return True
-        frame = frame.f_back
-    return False
-
-
 def _count_syncs(comfy, start_percent: float, steps: int) -> tuple[dict[str, int], int]:
     base = comfy.ModelPatcher(comfy.FakeWan())
     patched = comfy.node.apply_sparse_attention(base, "blocktopk", 0.5, start_percent, 1.0, "", 0)
     patch = _patch(patched)
-    counter = _SyncCounter()
+    counter = HostSyncCounter()
     for name, where in (("_attend", "attention"), ("_begin_forward", "forward")):
         original = getattr(patch, name)
 
