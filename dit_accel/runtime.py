@@ -327,7 +327,9 @@ class Accelerator:
         if token is None:  # the forward began outside the compiled region
             self.end_forward()
             return
-        self._ended = torch.ops.dit_accel.end_forward(self._op_id, token, _first_tensor(output))
+        anchor = _first_tensor(output)
+        anchor = anchor.detach() if anchor is not None else None  # the op has no backward; order is all it needs
+        self._ended = torch.ops.dit_accel.end_forward(self._op_id, token, anchor)
         self._token = None
 
     def begin_forward_from_op(self, args: tuple, kwargs: dict[str, Any]) -> None:
