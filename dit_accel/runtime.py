@@ -5,6 +5,10 @@ module's own forward (projections, RoPE, QK-norm, LoRA stay stock) under a ``Tor
 its ``scaled_dot_product_attention`` call, so the same code serves processors that call SDPA directly
 (CogVideoX, PixArt) and those going through diffusers' dispatcher with the native backend (Wan, LTX, Flux,
 HunyuanVideo). Everything is per instance and removed by :meth:`Accelerator.remove`.
+
+Under ``torch.compile`` Dynamo traces the hooks and the mode; the state work and each attention call then run
+through the custom ops of :mod:`dit_accel.kernels.ops` (opaque nodes that run the same Python eagerly when the
+graph executes), so the compiled transformer is one graph with no break and no guard on the step.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from .config import AccelConfig
 from .core import CacheLedger, SiteCore, SiteEvent, SiteGroup, SiteStats
+from .kernels import ops
 from .methods import Method
 from .parallel import enter_forward
 from .pipelines.families import Family
@@ -49,11 +54,17 @@ class _StateHook(ModelHook):
         self.context = StateManager(_ContextState)
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        self.accelerator.begin_forward(module, args, kwargs, self.context._context)
+        if torch.compiler.is_compiling():
+            self.accelerator.compiled_begin(args, kwargs)
+        else:
+            self.accelerator.begin_forward(module, args, kwargs, self.context._context)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        self.accelerator.end_forward()
+        if torch.compiler.is_compiling():
+            self.accelerator.compiled_end(output)
+        else:
+            self.accelerator.end_forward()
         return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -75,8 +86,26 @@ class _SDPAInterceptor(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
+            if torch.compiler.is_compiling():
+                return self.accelerator.compiled_attention(self.site, func, args, kwargs)
             return self.accelerator.attention(self.site, func, args, kwargs)
+        if torch.compiler.is_compiling() and _is_python_tensor_method(func, args):
+            # Dynamo cannot inline the Python-level Tensor methods (``unflatten``, ``split``...: their
+            # ``super()`` call breaks the graph); called as a method it traces them as it does without a mode
+            return getattr(args[0], func.__name__)(*args[1:], **kwargs)
         return func(*args, **kwargs)
+
+
+def _is_python_tensor_method(func: Any, args: tuple) -> bool:
+    """Whether ``func`` is a ``torch.Tensor`` method written in Python (``torch/_tensor.py``) called on a tensor."""
+    name = getattr(func, "__name__", None)
+    return (
+        isinstance(name, str)
+        and bool(args)
+        and isinstance(args[0], torch.Tensor)
+        and getattr(func, "__module__", None) == "torch._tensor"
+        and getattr(torch.Tensor, name, None) is func
+    )
 
 
 class _SiteHook(ModelHook):
@@ -111,6 +140,19 @@ def xformers_dense(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=bound.get("scale")
     )
     return out.transpose(1, 2)
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    """The first tensor of a transformer's output (a tensor, a tuple, or a diffusers output dataclass)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = tuple(output.values())
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, torch.Tensor):
+                return item
+    return None
 
 
 def remove_hook(module: torch.nn.Module, name: str) -> None:
@@ -149,6 +191,10 @@ class Accelerator:
         self.group = SiteGroup(config, ledger=ledger, text_tokens=family.text_first is not None)
         self.tracker = StepTracker(scheduler=scheduler, num_steps_hint=config.num_steps)
         self._installed = False
+        self._state_hook: _StateHook | None = None
+        self._op_id: int | None = None  # how the compile-path custom ops reach this accelerator
+        self._token: torch.Tensor | None = None  # begin_forward's token in a compiled forward, for the sites
+        self._ended: torch.Tensor | None = None  # end_forward's result: kept as a graph output, so never pruned
 
     @property
     def method(self) -> Method:
@@ -176,7 +222,9 @@ class Accelerator:
                 "family's pattern; is this a modified model?"
             )
         registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
-        registry.register_hook(_StateHook(self), STATE_HOOK)
+        self._state_hook = _StateHook(self)
+        registry.register_hook(self._state_hook, STATE_HOOK)
+        self._op_id = ops.register_owner(self)
         for index, (name, module) in enumerate(sites):
             site = self.group.site(index, name, module)
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_SiteHook(self, site), SITE_HOOK)
@@ -189,6 +237,11 @@ class Accelerator:
             remove_hook(site.module, SITE_HOOK)
         self.group.new_generation()
         remove_hook(self.transformer, STATE_HOOK)
+        if self._op_id is not None:
+            ops.unregister_owner(self._op_id)
+        self._op_id = None
+        self._state_hook = None
+        self._token = None
         self._installed = False
 
     @property
@@ -232,6 +285,62 @@ class Accelerator:
     def end_forward(self) -> None:
         self.tracker.end()
         self.group.end_forward()
+
+    # -- the compile path: traced by Dynamo, the work runs in dit_accel.kernels.ops ----------------------------
+    def compiled_begin(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """``begin_forward`` inside a compiled region: the forward's tensors and numbers go to the op by name."""
+        names: tuple[list[str], list[str], list[str]] = ([], [], [])
+        values: tuple[list[torch.Tensor], list[int], list[float]] = ([], [], [])
+        for name, value in [*((str(i), a) for i, a in enumerate(args)), *kwargs.items()]:
+            if isinstance(value, torch.Tensor):
+                names[0].append(name)
+                values[0].append(value.detach())
+            elif isinstance(value, bool):
+                continue
+            elif isinstance(value, int):
+                names[1].append(name)
+                values[1].append(value)
+            elif isinstance(value, float):
+                names[2].append(name)
+                values[2].append(value)
+        self._token = torch.ops.dit_accel.begin_forward(
+            self._op_id, len(args), ",".join(names[0]), values[0], ",".join(names[1]), values[1], ",".join(names[2]),
+            values[2],
+        )  # fmt: skip
+
+    def compiled_attention(
+        self, site: SiteCore, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """One intercepted SDPA call inside a compiled region: one ``dit_accel::site_attention`` node."""
+        bound = bind_sdpa(args, kwargs)
+        q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
+            return self.attention(site, func, args, kwargs)  # the op has no backward: eager island, graph break
+        return torch.ops.dit_accel.site_attention(
+            self._token, q, k, v, bound.get("attn_mask"), float(bound.get("dropout_p") or 0.0),
+            bool(bound.get("is_causal")), bound.get("scale"), bool(bound.get("enable_gqa")), self._op_id, site.index,
+        )  # fmt: skip
+
+    def compiled_end(self, output: Any) -> None:
+        """``end_forward`` inside a compiled region, ordered after the output (so after every attention call)."""
+        token = self._token
+        if token is None:  # the forward began outside the compiled region
+            self.end_forward()
+            return
+        anchor = _first_tensor(output)
+        anchor = anchor.detach() if anchor is not None else None  # the op has no backward; order is all it needs
+        self._ended = torch.ops.dit_accel.end_forward(self._op_id, token, anchor)
+        self._token = None
+
+    def begin_forward_from_op(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        assert self._state_hook is not None
+        self.begin_forward(self.transformer, args, kwargs, self._state_hook.context._context)
+
+    def attention_from_op(self, site: int, kwargs: dict[str, Any]) -> torch.Tensor:
+        return self.attention(self.group.site(site), F.scaled_dot_product_attention, (), kwargs)
+
+    def end_forward_from_op(self) -> None:
+        self.end_forward()
 
     def new_generation(self) -> None:
         self.tracker.new_generation()
