@@ -31,6 +31,7 @@ from dit_accel.toy.data import (
     scene_from_prompt_parts,
     segment_color,
 )
+from dit_accel.toy.judge import video_background, video_shape
 from dit_accel.toy.model import build_transformer
 from dit_accel.toy.pipeline import ToyVideoPipeline
 from dit_accel.toy.probe import WORD_CLASSES, AttentionProbe, word_influence
@@ -59,15 +60,27 @@ def _prompt(c: str, s: str, d: str, bg: str) -> str:
     return f"a {c} {s} moves {d} over a {bg} background"
 
 
-def judge(video: np.ndarray, color: str, direction: str) -> dict[str, Any]:
-    """Colour present as an object (not a wash) in >= half the frames and its centroid moving the prompted way."""
+def judge(
+    video: np.ndarray, color: str, direction: str, shape: str | None = None, background: str | None = None
+) -> dict[str, Any]:
+    """Colour present as an object (not a wash) in >= half the frames and its centroid moving the prompted way;
+    with ``shape`` / ``background``, whether the silhouette and the background read as those
+    (:mod:`dit_accel.toy.judge`, no trained classifier)."""
     mask = segment_color(video, color)
     track = centroid_track(mask)
     present = float((~np.isnan(track).any(1)).mean())
     area = float(np.median(mask.mean((1, 2))))
     color_ok = present >= 0.5 and area <= 0.25
     got = motion_direction(track)
+    extra: dict[str, Any] = {}
+    if shape is not None:
+        extra["detected_shape"] = video_shape(video, color)
+        extra["shape_ok"] = extra["detected_shape"] == shape
+    if background is not None:
+        extra["detected_background"] = video_background(video, color)
+        extra["background_ok"] = extra["detected_background"] == background
     return {
+        **extra,
         "color_ok": color_ok,
         "detected_direction": got,
         "direction_ok": got == direction,
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         secs = time.perf_counter() - t0
         rows, diffs, ref_diffs = [], [], []
         for it, vid in zip(items, videos):
-            row = {**it, **judge(vid, it["color"], it["direction"])}
+            row = {**it, **judge(vid, it["color"], it["direction"], it["shape"], it["background"])}
             ref = render(
                 scene_from_prompt_parts(
                     it["color"],
@@ -201,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             "pass_rate": round(float(np.mean([r["pass"] for r in rows])), 3),
             "color_rate": round(float(np.mean([r["color_ok"] for r in rows])), 3),
             "direction_rate": round(float(np.mean([r["direction_ok"] for r in rows])), 3),
+            "shape_rate": round(float(np.mean([r["shape_ok"] for r in rows])), 3),
+            "background_rate": round(float(np.mean([r["background_ok"] for r in rows])), 3),
             "frame_diff_render": round(float(np.mean(diffs)), 4),
             "frame_diff_data": round(float(np.mean(ref_diffs)), 4),
             "seconds_per_render": round(secs / len(rows), 2),

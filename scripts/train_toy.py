@@ -79,7 +79,11 @@ class Trainer:
         """``make_batch`` arguments of batch ``step`` (a pure function of the config and the step)."""
         ph = phase_at(step, self.phases)
         args = (self.tcfg["seed"], step * 1024, ph["batch"], ph["frames"], ph["height"], ph["width"])
-        return args, {"two_object_prob": self.tcfg["two_object_prob"], "pan_prob": self.tcfg["pan_prob"]}
+        kwargs = {"two_object_prob": self.tcfg["two_object_prob"], "pan_prob": self.tcfg["pan_prob"]}
+        for key in ("motion_weights", "speed_range"):  # optional data mix (see dit_accel.toy.data.sample_scene)
+            if key in self.tcfg:
+                kwargs[key] = tuple(self.tcfg[key])
+        return args, kwargs
 
     def step(self, batch: tuple | None = None) -> None:
         """One update on batch ``step_idx`` of the curriculum (``batch``: its ``(x0, prompts)``, made elsewhere).

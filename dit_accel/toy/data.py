@@ -153,11 +153,16 @@ def _sample_object(
     pan_vec: tuple[float, float],
     color: str,
     allow_held_out: bool,
+    motion_weights: Sequence[float] | None = None,
+    speed_range: tuple[float, float] = (1.5, 2.5),
 ) -> ObjectSpec:
     """Draw one object whose whole frame-space trajectory stays inside the canvas."""
     while True:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+        if motion_weights is None:
+            motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+        else:
+            motion = MOTIONS[int(rng.choice(len(MOTIONS), p=np.asarray(motion_weights) / np.sum(motion_weights)))]
         if motion == "rotates" and shape not in _ROTATABLE:
             continue
         if not allow_held_out and (color, shape, motion) in HELD_OUT:
@@ -170,7 +175,7 @@ def _sample_object(
     if motion in DIR_VEC:
         dx, dy = DIR_VEC[motion]
         room = (width if dx else height) - 2 * margin
-        speed = float(min(rng.uniform(1.5, 2.5), max(room, 0.0) / steps))
+        speed = float(min(rng.uniform(*speed_range), max(room, 0.0) / steps))
         speed = max(speed, 0.8)
         tx, ty = (dx * speed + px) * steps, (dy * speed + py) * steps
         x0 = _place_linear(rng, margin, width - margin, tx)
@@ -218,8 +223,19 @@ def sample_scene(
     two_object_prob: float = 0.25,
     pan_prob: float = 0.15,
     allow_held_out: bool = False,
+    motion_weights: Sequence[float] | None = None,
+    speed_range: tuple[float, float] = (1.5, 2.5),
 ) -> SceneSpec:
-    """Draw a random scene; held-out (colour, shape, direction) triples are excluded unless asked for."""
+    """Draw a random scene; held-out (colour, shape, direction) triples are excluded unless asked for.
+
+    ``motion_weights`` (one weight per entry of :data:`MOTIONS`, default uniform) and ``speed_range`` (px/frame of
+    linear motion, capped so the path fits the canvas) set how much of the data carries a direction signal."""
+    if motion_weights is not None and (
+        len(motion_weights) != len(MOTIONS) or min(motion_weights) < 0 or sum(motion_weights) <= 0
+    ):
+        raise ValueError(
+            f"motion_weights={motion_weights!r}: expected {len(MOTIONS)} non-negative weights for {MOTIONS}, not all 0"
+        )
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     i, j = rng.choice(len(BG_TONES), size=2, replace=False)
     bg_colors = (BG_TONES[int(i)], BG_TONES[int(j)])
@@ -241,7 +257,10 @@ def sample_scene(
     n_obj = 2 if rng.random() < two_object_prob else 1
     colors = rng.choice(len(COLORS), size=n_obj, replace=False)
     names = list(COLORS)
-    objects = tuple(_sample_object(rng, frames, height, width, pan_vec, names[int(c)], allow_held_out) for c in colors)
+    objects = tuple(
+        _sample_object(rng, frames, height, width, pan_vec, names[int(c)], allow_held_out, motion_weights, speed_range)
+        for c in colors
+    )
     return SceneSpec(frames, height, width, background, bg_colors, bg_param, pan, pan_speed, objects)
 
 
