@@ -102,7 +102,7 @@ def table(root: Path = ROOT) -> str:
     """Every finished proxy run, one row each (markdown)."""
     lines = [
         "| run | overrides | steps | loss (last 100) | direction infl. 0.9 / 0.6 | shape infl. 0.9 / 0.6 "
-        "| colour infl. 0.9 | direction rate | colour rate | shape rate | background rate | frame diff ratio | minutes |",
+        "| colour infl. 0.9 | direction rate | colour rate | shape rate | background rate | frame diff | min |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(root.glob("*/result.json"), key=lambda p: p.stat().st_mtime):
