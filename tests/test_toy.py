@@ -270,3 +270,17 @@ def test_prompt_dropout_equals_training_on_the_empty_prompt() -> None:
         dropped = flow_matching_loss(tf, te, x0, prompts, 3.0, torch.Generator().manual_seed(5), cond_drop=0.5)
         by_hand = flow_matching_loss(tf, te, x0, emptied, 3.0, torch.Generator().manual_seed(5), cond_drop=0.5)
     torch.testing.assert_close(dropped, by_hand, rtol=0, atol=0)
+
+
+def test_motion_weights_and_speed_range_set_the_data_mix():
+    from dit_accel.toy.data import DIRECTIONS, sample_scene
+
+    rng = np.random.default_rng(0)
+    scenes = [
+        sample_scene(rng, 8, 64, 64, two_object_prob=0.0, motion_weights=(1, 1, 1, 1, 0, 0, 0), speed_range=(2.0, 2.0))
+        for _ in range(40)
+    ]
+    assert {s.objects[0].motion for s in scenes} == set(DIRECTIONS)
+    assert all(abs(s.objects[0].speed - 2.0) < 1e-9 for s in scenes)  # 2 px/frame fits a 64 px canvas
+    with pytest.raises(ValueError, match="motion_weights"):
+        sample_scene(rng, 8, 32, 32, motion_weights=(1, 1, 1))
