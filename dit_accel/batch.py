@@ -107,11 +107,12 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def _batch_layout(out: str) -> tuple[Path, str]:
-    """``--out video.mp4`` -> folder ``video/`` with ``0000.mp4``...; ``--out dir`` -> ``dir/0000.mp4``..."""
+    """``--out video.mp4`` -> folder ``video/`` with ``0000.mp4``...; ``--out dir`` (no suffix, a trailing ``/`` or
+    an existing folder, as in :func:`dit_accel.render.output_kind`) -> ``dir/0000.mp4``..."""
     path = Path(out)
-    if path.suffix:
-        return path.with_suffix(""), path.suffix
-    return path, ".mp4"
+    if out.endswith(("/", os.sep)) or not path.suffix or path.is_dir():
+        return path, ".mp4"
+    return path.with_suffix(""), path.suffix
 
 
 def render_batch(
@@ -133,7 +134,7 @@ def render_batch(
         env_rank, env_world = rank_world()
         rank, world = env_rank if rank is None else rank, env_world if world is None else world
     folder, suffix = _batch_layout(request.out)
-    folder.mkdir(parents=True, exist_ok=True)
+    _render.prepare_folder(folder)
     device = request.device
     if world > 1 and torch.cuda.is_available() and device in (None, "cuda"):  # one GPU per process
         device = f"cuda:{local_rank()}"

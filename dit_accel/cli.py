@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import typer
@@ -27,12 +28,20 @@ def _parse_option(text: str) -> tuple[str, Any]:
 @app.command()
 def info() -> None:
     """Methods, supported pipelines, kernel backend and versions."""
-    import diffusers
+    # Only what the lines below need: no diffusers, no dit_accel.api/runtime, no model (tests/test_cli.py checks).
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
     import dit_accel
     from dit_accel.kernels import backend_for
-    from dit_accel.pipelines import FAMILIES
+    from dit_accel.pipelines.families import FAMILIES
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     typer.echo(f"dit_accel {dit_accel.__version__}")
@@ -40,15 +49,9 @@ def info() -> None:
     for fam in FAMILIES:
         typer.echo(f"  {fam.name:14s} {', '.join(fam.classes)}")
     typer.echo(f"kernel backend on {device}: {backend_for(device)}")
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
-        triton_version = "not available"
     typer.echo(
-        f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-        f"triton {triton_version}"
+        f"python {platform.python_version()}, torch {torch.__version__}, diffusers {installed('diffusers')}, "
+        f"triton {installed('triton')}"
     )
 
 
@@ -80,6 +83,28 @@ def _parse_schedule(items: list[str]) -> dict[str, list[Any]]:
 def _fail(message: str, code: int = 2) -> NoReturn:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code=code)
+
+
+@contextmanager
+def _user_warnings() -> Iterator[None]:
+    """Show the warnings meant for the user (words the toy model does not know) as one ``warning:`` line on
+    stderr, each once; other warnings keep Python's own display."""
+    import warnings
+
+    from dit_accel.toy.text import ToyVocabularyWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("once", ToyVocabularyWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' API
+            if issubclass(category, ToyVocabularyWarning):
+                typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 @app.command()
@@ -123,7 +148,7 @@ def render(
 ) -> None:
     """Render a video offline with an accelerated pipeline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dit_accel.render import ModelNotFoundError, RenderRequest, default_model
+    from dit_accel.render import ModelNotFoundError, RenderRequest, default_model, validate_request
     from dit_accel.render import render as run_render
 
     options = dict(_parse_option(o) for o in option)
@@ -150,17 +175,23 @@ def render(
         base_width=base_width,
         freeswim={"strength": strength, "cache_every": cache_every},
     )
+    try:  # before anything is loaded or written (every batch item would fail the same way)
+        validate_request(request)
+    except ValueError as exc:
+        _fail(str(exc))
     if batch_file is not None:  # split across processes: dit_accel.batch.render_batch
         from dit_accel.batch import render_batch
 
         try:
-            batch = render_batch(request, batch_file)
+            with _user_warnings():
+                batch = render_batch(request, batch_file)
         except (ValueError, FileNotFoundError, PermissionError) as exc:
             _fail(str(exc))
         typer.echo(batch["message"])
         raise typer.Exit(code=1 if batch["failed"] else 0)
     try:
-        result = run_render(request)
+        with _user_warnings():
+            result = run_render(request)
     except ModelNotFoundError as exc:
         _fail(str(exc))
     except PermissionError as exc:

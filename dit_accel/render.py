@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -24,17 +25,25 @@ __all__ = [
     "ModelNotFoundError",
     "RenderRequest",
     "apply_request",
+    "available_devices",
+    "check_device",
+    "check_output",
     "check_size",
     "default_device",
     "default_model",
     "estimate_speedup",
     "FlopCounter",
     "load_pipeline",
+    "output_kind",
+    "prepare_folder",
     "render",
+    "validate_request",
     "write_video",
 ]
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
+#: what ``--out`` may be: a video, one PNG (a one-frame render), or a folder that receives ``frame_0000.png``, ...
+OUT_FORMATS = ".mp4 (H.264), .gif, .png (a single frame), or a folder for PNG frames (no suffix, or ending in '/')"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -65,6 +74,111 @@ class RenderRequest:
     base_height: int | None = None
     base_width: int | None = None
     freeswim: dict[str, Any] = field(default_factory=dict)  # FreeSwim options, e.g. strength, cache_every
+
+
+def _check_int(flag: str, value: Any, low: int = 1) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{flag} {value!r}: must be an integer >= {low}")
+
+
+def validate_request(request: RenderRequest) -> None:
+    """Refuse settings that cannot render (zero steps, a negative size, an unknown ``--out`` suffix, a device
+    this machine lacks) before anything is loaded; each message names the flag and what it allows."""
+    for flag, value in (
+        ("--steps", request.steps),
+        ("--frames", request.frames),
+        ("--height", request.height),
+        ("--width", request.width),
+        ("--fps", request.fps),
+        ("--base-height", request.base_height),
+        ("--base-width", request.base_width),
+        ("--cache-every", request.freeswim.get("cache_every")),
+    ):
+        _check_int(flag, value)
+    gs = request.guidance_scale
+    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, (int, float)) or not math.isfinite(gs) or gs < 0):
+        raise ValueError(f"--guidance-scale {gs!r}: must be a finite number >= 0")
+    strength = request.freeswim.get("strength")
+    if strength is not None and not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+        raise ValueError(f"--strength {strength!r}: must be in (0, 1]")
+    check_output(request.out)
+    check_device(request.device)
+
+
+def output_kind(out: str | os.PathLike[str]) -> str:
+    """What ``out`` names: ``"mp4"``, ``"gif"``, ``"png"`` (one frame) or ``"folder"`` (PNG frames).
+
+    A folder is a path without a suffix, a path ending in ``/``, or an existing directory; any other suffix
+    (``.avi``, ``.webm``, ...) raises ``ValueError`` listing the supported ones, so no folder named ``x.avi`` is
+    ever made by accident.
+    """
+    text = os.fspath(out)
+    path = Path(text)
+    suffix = path.suffix.lower()
+    if text.endswith(("/", os.sep)) or not suffix:
+        return "folder"
+    if suffix in (".mp4", ".gif", ".png"):
+        return suffix[1:]
+    if path.is_dir():
+        return "folder"
+    raise ValueError(f"--out {text!r}: unsupported suffix {path.suffix!r}; supported: {OUT_FORMATS}")
+
+
+def check_output(out: str | os.PathLike[str]) -> str:
+    """:func:`output_kind`, plus: a file output must not be an existing folder, a folder output not a file."""
+    kind = output_kind(out)
+    path = Path(out)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise ValueError(f"--out {os.fspath(out)!r} is an existing file; PNG frames go into a folder")
+    if kind != "folder" and path.is_dir():
+        example = path / "video.mp4"
+        raise ValueError(f"--out {os.fspath(out)!r} is an existing folder; name a file inside it, e.g. {example}")
+    return kind
+
+
+def available_devices() -> list[str]:
+    """The torch devices this machine can run on: ``cpu``, and ``cuda``/``cuda:i``, ``mps``, ``xpu`` when present."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        devices += ["xpu", *(f"xpu:{i}" for i in range(xpu.device_count()))]
+    return devices
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Refuse a device string torch does not know, or a device this machine does not have (``--device cuda``
+    without CUDA), naming the flag and listing :func:`available_devices`."""
+    if device is None:
+        return
+    available = available_devices()
+    listed = ", ".join(available)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{flag} {device!r}: not a torch device name; available here: {listed}") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"{flag} {device!r}: CUDA is not available ({why}); available here: {listed}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{flag} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); available: {listed}"
+            )
+        return
+    present = dev.type in {d.split(":")[0] for d in available}
+    if dev.index is not None and dev.type != "mps":  # mps has one device, cuda and xpu list theirs
+        present = present and f"{dev.type}:{dev.index}" in available
+    if not present:
+        raise ValueError(f"{flag} {device!r}: {dev.type} is not available on this machine; available here: {listed}")
 
 
 def _torch_dtype(name: str | None) -> torch.dtype | None:
@@ -107,6 +221,7 @@ def load_pipeline(
 
     ``device=None`` picks :func:`default_device`.
     """
+    check_device(device)
     torch_dtype = _torch_dtype(dtype)
     device = device or default_device()
     if model.startswith("tiny-"):
@@ -207,6 +322,8 @@ def apply_request(
     """Call arguments with the requested settings; options the pipeline does not take raise a clear error."""
     out = dict(kwargs)
     params = _call_parameters(pipe)
+    for flag, value in (("--steps", steps), ("--frames", frames), ("--height", height), ("--width", width)):
+        _check_int(flag, value)
     for key, flag, value in (
         ("num_inference_steps", "--steps", steps),
         ("num_frames", "--frames", frames),
@@ -250,46 +367,91 @@ def _patch_size(transformer: Any) -> tuple[int, int, int] | None:
     return int(patch_t), int(patch), int(patch)
 
 
+def _call_default(pipe: Any, name: str) -> Any:
+    """The default of ``pipe.__call__``'s parameter ``name``, or None."""
+    try:
+        param = inspect.signature(pipe.__call__).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    if param is None or param.default is inspect.Parameter.empty:
+        return None
+    return param.default
+
+
 def check_size(pipe: Any, kwargs: dict[str, Any]) -> None:
-    """Reject a height/width/frame count the model cannot tile, before spending time on text encoding."""
-    height, width, frames = kwargs.get("height"), kwargs.get("width"), kwargs.get("num_frames")
-    for name, value in (("height", height), ("width", width), ("frames", frames)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+    """Reject a height/width/frame count the model cannot tile, before spending time on text encoding.
+
+    A size that is not given (say ``--height`` without ``--width``) is the pipeline's own default, so the check
+    also applies when only one of them is set.
+    """
+    given = {key: kwargs.get(key) for key in ("height", "width", "num_frames")}
+    for name, value in (("height", given["height"]), ("width", given["width"]), ("frames", given["num_frames"])):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"--{name} {value!r}: must be a positive integer")
+    defaults = {key: _call_default(pipe, key) for key, value in given.items() if value is None}
+    height, width, frames = (given[key] if given[key] is not None else defaults.get(key) for key in given)
     transformer = getattr(pipe, "transformer", None)
     patch = _patch_size(transformer)
-    if patch is None or height is None or width is None:
+    if patch is None or not isinstance(height, int) or not isinstance(width, int):
         return
     spatial = int(getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None) or 1)
     multiple = spatial * patch[1]
     if height % multiple or width % multiple:
+
+        def shown(flag: str, key: str, value: int) -> str:
+            return f"--{flag} {value}" + (" (the model's default)" if given[key] is None else "")
+
         raise ValueError(
-            f"--height {height} --width {width}: {type(pipe).__name__} needs multiples of {multiple} "
-            f"(VAE factor {spatial} x patch {patch[1]}); try {max(multiple, height // multiple * multiple)} x "
-            f"{max(multiple, width // multiple * multiple)}"
+            f"{shown('height', 'height', height)} {shown('width', 'width', width)}: {type(pipe).__name__} needs "
+            f"multiples of {multiple} (VAE factor {spatial} x patch {patch[1]}); try "
+            f"{max(multiple, height // multiple * multiple)} x {max(multiple, width // multiple * multiple)}"
         )
     temporal = getattr(pipe, "vae_scale_factor_temporal", None)
-    if frames is not None and temporal and temporal > 1 and (frames - 1) % temporal:
+    if isinstance(frames, int) and temporal and temporal > 1 and (frames - 1) % temporal:
         raise ValueError(
             f"--frames {frames}: {type(pipe).__name__} needs 1 + a multiple of {temporal} frames "
             f"(e.g. {1 + max(1, (frames - 1) // temporal) * temporal})"
         )
 
 
+def frame_count(pipe: Any, kwargs: dict[str, Any]) -> int | None:
+    """How many frames the call will make: ``num_frames`` (given or the pipeline's default), 1 for image models,
+    None when unknown."""
+    if "num_frames" in kwargs and kwargs["num_frames"] is not None:
+        return int(kwargs["num_frames"])
+    params = _call_parameters(pipe)
+    if params and "num_frames" not in params:
+        return 1
+    default = _call_default(pipe, "num_frames")
+    return int(default) if isinstance(default, int) else None
+
+
 def write_video(frames: np.ndarray, out: str | Path, fps: int) -> Path:
-    """Write (F, H, W, 3) frames in [0, 1] as mp4, gif, or a folder of PNGs (any other path)."""
+    """Write (F, H, W, 3) frames in [0, 1] as mp4, gif, one PNG (a single frame) or a folder of PNGs.
+
+    See :func:`output_kind` for which path is which; an unsupported suffix raises ``ValueError``.
+    """
     import imageio.v2 as imageio
 
+    kind = output_kind(out)
+    _check_int("--fps", fps)
     out = Path(out)
     data = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
     if data.shape[-1] == 1:
         data = np.repeat(data, 3, axis=-1)
-    if out.suffix.lower() in VIDEO_SUFFIXES:
+    if kind == "png" and data.shape[0] != 1:
+        raise ValueError(
+            f"--out {str(out)!r}: a .png holds one frame and this render has {data.shape[0]}; use --frames 1, "
+            "or .mp4, .gif or a folder"
+        )
+    if kind != "folder":
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix.lower() == ".mp4":
+        if kind == "mp4":
             imageio.mimwrite(out, list(data), fps=fps, codec="libx264", quality=8, macro_block_size=1)
-        else:
+        elif kind == "gif":
             imageio.mimwrite(out, list(data), duration=1000.0 / fps, loop=0)
+        else:
+            imageio.imwrite(out, data[0])
         return out
     out.mkdir(parents=True, exist_ok=True)
     for i, frame in enumerate(data):
@@ -358,9 +520,11 @@ def render(request: RenderRequest) -> dict[str, Any]:
     """Render, write the file, and return a summary (time, file, stats, speed-up estimate)."""
     import dit_accel
 
+    validate_request(request)
     out = Path(request.out)
-    target = out.parent if out.suffix else out
-    _check_writable(target if str(target) else Path("."))
+    kind = output_kind(request.out)
+    target = out if kind == "folder" else out.parent
+    prepare_folder(target if str(target) else Path("."))
     pipe, kwargs = load_pipeline(request.model, device=request.device, dtype=request.dtype, progress=request.progress)
     kwargs = apply_request(
         pipe,
@@ -374,6 +538,12 @@ def render(request: RenderRequest) -> dict[str, Any]:
         guidance_scale=request.guidance_scale,
     )
     check_size(pipe, kwargs)
+    count = frame_count(pipe, kwargs)
+    if kind == "png" and count is not None and count != 1:
+        raise ValueError(
+            f"--out {request.out!r}: a .png holds one frame and this render makes {count} (--frames); use "
+            "--frames 1, or .mp4, .gif or a folder"
+        )
     if request.base_height is not None or request.base_width is not None:
         from .pipelines.freeswim import maybe_freeswim  # the method then accelerates FreeSwim's base pass
 
@@ -415,17 +585,28 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _check_writable(folder: Path) -> None:
-    """Fail before rendering when the output folder cannot be created or written (a real write probe: as root
-    ``os.access`` says yes to almost anything)."""
+def prepare_folder(folder: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Create ``folder`` (and its parents) and check it can be written (a real write probe: as root ``os.access``
+    says yes to almost anything); raises ``PermissionError`` naming ``flag`` and the real cause, e.g. a path
+    component that is a file ("Not a directory", where ``mkdir`` itself would say "File exists")."""
+    import errno
     import tempfile
 
+    folder = Path(folder)
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise PermissionError(
+                    f"{flag}: cannot write under {folder} ({os.strerror(errno.ENOTDIR)}: {part} is a file)"
+                ) from None
+            break
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".dit-accel-write-test"):
             pass
     except OSError as exc:
-        raise PermissionError(f"--out: cannot write under {folder} ({exc.strerror or exc})") from None
+        raise PermissionError(f"{flag}: cannot write under {folder} ({exc.strerror or exc})") from None
+    return folder
 
 
 def summary_json(result: dict[str, Any]) -> str:

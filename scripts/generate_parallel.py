@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from unittest import mock
@@ -65,8 +66,13 @@ def main() -> None:
 
     import dit_accel
     from dit_accel.batch import local_rank
-    from dit_accel.render import apply_request, check_size, frames_of, load_pipeline, write_video
+    from dit_accel.render import apply_request, check_output, check_size, frames_of, load_pipeline, write_video
 
+    try:  # before the (long) parallel render: write_video would refuse an unsupported --out only afterwards
+        check_output(args.out)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

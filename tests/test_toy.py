@@ -28,7 +28,7 @@ from dit_accel.toy.data import (
 )
 from dit_accel.toy.model import build_scheduler, build_text_encoder, build_transformer, flow_matching_loss
 from dit_accel.toy.pipeline import ToyVideoPipeline
-from dit_accel.toy.text import VOCAB, ToyTextEncoder
+from dit_accel.toy.text import VOCAB, ToyTextEncoder, ToyVocabularyWarning
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "toy-wan"
 TINY = {
@@ -143,6 +143,25 @@ def test_text_encoder_tokenizes_and_zeroes_padding() -> None:
     out = enc(ids, mask)
     assert out.shape == (3, 24, 16) and torch.isfinite(out).all()
     assert out[1].abs().max() == 0 and out[0, 9:].abs().max() == 0
+
+
+def test_text_encoder_names_the_words_it_ignores() -> None:
+    enc = ToyTextEncoder(embed_dim=16, num_heads=2, ffn_dim=32)
+    assert enc.prompt_problems(["a red circle moves left", ""]) is None
+    message = enc.prompt_problems(["a purple blob", "a Purple circle"])
+    assert message.startswith("prompt words outside the toy model's vocabulary are ignored: 'purple', 'blob' (")
+    assert message.endswith(f"(vocabulary: {' '.join(VOCAB[2:])})")
+    long = " ".join(["a red circle moves left"] * 5)  # 25 words: the 25th is past max_length
+    assert "reads the first 24 words" in enc.prompt_problems([long])
+
+
+def test_pipeline_warns_once_per_call_about_ignored_words() -> None:
+    pipe = _tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"num_frames": 1, "height": 8, "width": 8, "num_inference_steps": 1}
+    with pytest.warns(ToyVocabularyWarning, match="'purple', 'cat', 'blurry'") as record:
+        pipe("a purple cat", negative_prompt="blurry", **kw)
+    assert len(record) == 1 and record[0].filename == __file__  # points at the pipe(...) call
 
 
 def _tiny_pipeline() -> ToyVideoPipeline:

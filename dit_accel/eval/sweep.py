@@ -73,6 +73,22 @@ class SweepSpec:
             )
         return methods
 
+    def validate(self) -> None:
+        """Refuse settings that cannot run (zero steps, a negative size, a device this machine lacks) before
+        anything is written or loaded; messages name the command-line flag."""
+        from ..render import _check_int, check_device
+
+        for flag, value in (("--steps", self.steps), ("--frames", self.frames), ("--height", self.height)):
+            _check_int(flag, value)
+        _check_int("--width", self.width)
+        if not self.seeds:
+            raise ValueError("--seeds: give at least one seed")
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(f"--seeds {seed!r}: seeds are integers")
+        check_device(self.device)
+        self.resolved_methods()
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["methods"] = self.resolved_methods()
@@ -181,11 +197,16 @@ def run_sweep(
     """
     from tqdm.auto import tqdm
 
+    from ..render import prepare_folder
+
+    spec.validate()
+    configs = build_grid(spec)  # a bad option fails here, before the folder is made
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise PermissionError(f"--out {str(out)!r} is a file; a sweep writes a folder (results.json, report.md, ...)")
+    prepare_folder(out)
     if rank is None or world is None:
         rank, world = rank_world()
-    configs = build_grid(spec)
     finished = _finished(out)
     pairs = [(p, s) for p in spec.prompts for s in spec.seeds]
     todo = [

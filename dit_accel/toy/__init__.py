@@ -2,6 +2,14 @@
 
 from .data import make_batch, make_sample
 from .pipeline import ToyVideoPipeline, ToyVideoPipelineOutput
-from .text import VOCAB, ToyTextEncoder
+from .text import VOCAB, ToyTextEncoder, ToyVocabularyWarning
 
-__all__ = ["VOCAB", "ToyTextEncoder", "ToyVideoPipeline", "ToyVideoPipelineOutput", "make_batch", "make_sample"]
+__all__ = [
+    "VOCAB",
+    "ToyTextEncoder",
+    "ToyVideoPipeline",
+    "ToyVideoPipelineOutput",
+    "ToyVocabularyWarning",
+    "make_batch",
+    "make_sample",
+]

@@ -8,6 +8,7 @@ so dit_accel's hooks see exactly the signals they see on a real Wan pipeline.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTra
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .text import ToyTextEncoder
+from .text import ToyTextEncoder, ToyVocabularyWarning
 
 
 @dataclass
@@ -86,10 +87,16 @@ class ToyVideoPipeline(DiffusionPipeline):
         device: torch.device | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings for the cond branch and (with CFG) the uncond branch; the default negative is the empty
-        prompt, which is what the model was trained to treat as unconditional."""
+        prompt, which is what the model was trained to treat as unconditional.
+
+        Words the encoder ignores (outside its vocabulary, or past its ``max_length``) give one
+        :class:`~dit_accel.toy.text.ToyVocabularyWarning` per call, naming them and the vocabulary.
+        """
         device = device or self._execution_device
+        read: list[str] = []
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            read += prompts
             prompt_embeds = self.text_encoder.encode(prompts)
         prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_videos_per_prompt, dim=0)
         if do_classifier_free_guidance and negative_prompt_embeds is None:
@@ -98,7 +105,11 @@ class ToyVideoPipeline(DiffusionPipeline):
             negs = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negs) != batch:
                 raise ValueError(f"negative_prompt has {len(negs)} entries; expected {batch} (one per prompt)")
+            read += negs
             negative_prompt_embeds = self.text_encoder.encode(negs)
+        problems = self.text_encoder.prompt_problems(read) if read else None
+        if problems:
+            warnings.warn(problems, ToyVocabularyWarning, stacklevel=4)  # at the pipe(...) call
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_videos_per_prompt, 0)
         return prompt_embeds, negative_prompt_embeds

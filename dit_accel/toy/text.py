@@ -27,6 +27,15 @@ _WORDS = (
 VOCAB: tuple[str, ...] = (PAD, UNK, *dict.fromkeys(_WORDS))
 
 
+class ToyVocabularyWarning(UserWarning):
+    """A prompt holds words the toy text encoder does not know (they are read as ``<unk>``) or more words than it
+    reads; ``dit-accel render`` shows it as one ``warning:`` line."""
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
 class ToyTextEncoder(ModelMixin, ConfigMixin):
     """Word embeddings plus a light transformer encoder: (prompts) -> (B, max_length, embed_dim)."""
 
@@ -55,10 +64,28 @@ class ToyTextEncoder(ModelMixin, ConfigMixin):
         n, unk = self.config.max_length, self.word_to_id[UNK]
         rows = []
         for text in prompts:
-            row = [self.word_to_id.get(w, unk) for w in re.findall(r"[a-z]+", text.lower())[:n]]
+            row = [self.word_to_id.get(w, unk) for w in _words(text)[:n]]
             rows.append(row + [0] * (n - len(row)))
         ids = torch.tensor(rows, dtype=torch.long).reshape(len(prompts), n)
         return ids, ids != 0
+
+    def prompt_problems(self, prompts: list[str]) -> str | None:
+        """One line naming the words of ``prompts`` the encoder ignores (outside its vocabulary, or past
+        ``max_length``), with the vocabulary; None when every word is read."""
+        known = [w for w in self.config.vocab if w not in (PAD, UNK)]
+        unknown = list(dict.fromkeys(w for text in prompts for w in _words(text) if w not in self.word_to_id))
+        cut = [text for text in prompts if len(_words(text)) > self.config.max_length]
+        parts = []
+        if unknown:
+            parts.append(
+                f"prompt words outside the toy model's vocabulary are ignored: {', '.join(map(repr, unknown))}"
+            )
+        if cut:
+            n = self.config.max_length
+            parts.append(f"the toy model reads the first {n} words of a prompt; the rest is ignored")
+        if not parts:
+            return None
+        return "; ".join(parts) + f" (vocabulary: {' '.join(known)})"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encode token ids; padded positions are zeroed (an empty prompt gives all zeros)."""

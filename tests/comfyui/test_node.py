@@ -404,3 +404,26 @@ def test_tokens_beside_the_grid_stay_dense(comfy):
     out = _in_forward(comfy, patched, lambda options: comfy.attention(q, k, v, 2, transformer_options=options))
     assert patch.dense_reasons["no_layout"] == 1 and patch.sparse_calls == 0
     torch.testing.assert_close(out, comfy.attention(q, k, v, 2, transformer_options={}))
+
+
+def test_min_tokens_default_is_the_apis(comfy):
+    # issue 15: the node offered min_tokens=4096, apply_sparse_attention 0 and dit_accel.accelerate 1024, with no
+    # reason given; all three are now the API's default (ScheduleConfig.min_tokens), read here from the code
+    import dataclasses
+    import inspect
+
+    from dit_accel.config import resolve_config
+    from dit_accel.parts import ScheduleConfig
+
+    api_default = {f.name: f.default for f in dataclasses.fields(ScheduleConfig)}["min_tokens"]
+    v1 = comfy.package.NODE_CLASS_MAPPINGS["DiTSparseAttention"].INPUT_TYPES()["required"]["min_tokens"][1]
+    extension = asyncio.run(comfy.package.comfy_entrypoint())
+    (node_cls,) = asyncio.run(extension.get_node_list())
+    (v3,) = [i for i in node_cls.define_schema().inputs if i.id == "min_tokens"]
+    assert v1["default"] == v3.kwargs["default"] == api_default
+    for method in ("blocktopk", "rettention", comfy.node.DEFAULT_METHOD):
+        assert resolve_config(method).min_tokens == api_default  # what accelerate(pipe, method) uses
+        base = comfy.ModelPatcher(comfy.FakeWan())
+        assert inspect.signature(comfy.node.apply_sparse_attention).parameters["min_tokens"].default is None
+        patched = comfy.node.apply_sparse_attention(base, method)  # min_tokens left out: the API's value
+        assert _patch(patched).config.min_tokens == api_default

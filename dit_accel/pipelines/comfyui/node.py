@@ -17,6 +17,7 @@ Only this module imports ``comfy`` (lazily, when a node runs); the dit_accel cor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -32,6 +33,7 @@ import torch
 from dit_accel.config import DEFAULT_METHOD, METHODS, PRESETS, AccelConfig, parse_layers, resolve_config
 from dit_accel.core import SiteGroup
 from dit_accel.layout import TokenLayout
+from dit_accel.parts import ScheduleConfig
 from dit_accel.state import DenoiseState
 
 __all__ = [
@@ -54,6 +56,9 @@ DISPLAY_NAME = "DiT Sparse Attention"
 CATEGORY = "model/patch"
 #: float32 sigmas and percent_to_sigma's float64 edges differ by rounding: this many float32 ulps count as equal
 EDGE_ULPS = 8
+#: the node's ``min_tokens`` default: the API's own (``ScheduleConfig.min_tokens``, what ``accelerate`` uses), so the
+#: node and ``dit_accel.accelerate`` keep the same sequences dense unless told otherwise
+DEFAULT_MIN_TOKENS: int = {f.name: f.default for f in dataclasses.fields(ScheduleConfig)}["min_tokens"]
 
 log = logging.getLogger("dit_accel.comfyui")
 
@@ -461,14 +466,15 @@ def apply_sparse_attention(
     start_percent: float = 0.0,
     end_percent: float = 1.0,
     dense_blocks: str = "",
-    min_tokens: int = 0,
+    min_tokens: int | None = None,
     *,
     verbose: bool = False,
     **options: Any,
 ) -> Any:
     """A clone of the ComfyUI ``ModelPatcher`` ``model`` with dit_accel sparse self-attention installed.
 
-    ``sparsity`` < 0 or None keeps the preset's own value; ``dense_blocks`` takes indices and ranges like
+    ``sparsity`` < 0 or None keeps the preset's own value, and so does ``min_tokens=None`` (the API's default,
+    :data:`DEFAULT_MIN_TOKENS`, which is also the node's); ``dense_blocks`` takes indices and ranges like
     ``"0, 1, 28-29"``; ``options`` are any other :class:`~dit_accel.AccelConfig` fields. The start/end percent
     become sigmas when sampling starts, from the model being sampled
     (:meth:`SparseAttentionPatch.on_prepare_state`).
@@ -479,7 +485,8 @@ def apply_sparse_attention(
     settings = dict(options)
     if sparsity is not None and sparsity >= 0:
         settings["sparsity"] = float(sparsity)
-    settings["min_tokens"] = int(min_tokens)
+    if min_tokens is not None:
+        settings["min_tokens"] = int(min_tokens)
     settings["dense_layers"] = parse_layers(dense_blocks, "dense_blocks")
     config = resolve_config(method, **settings)
     patch = SparseAttentionPatch(config, start_percent=start_percent, end_percent=end_percent, verbose=verbose)
@@ -513,7 +520,7 @@ _TOOLTIPS = {
     "start_percent": "Sampling progress where sparse attention starts (earlier steps stay dense).",
     "end_percent": "Sampling progress where sparse attention stops.",
     "dense_blocks": "Transformer blocks kept dense, e.g. '0, 1, 28-29'.",
-    "min_tokens": "Sequences shorter than this stay dense.",
+    "min_tokens": f"Sequences shorter than this stay dense (default {DEFAULT_MIN_TOKENS}, as in dit_accel.accelerate).",
 }
 
 
@@ -542,7 +549,13 @@ class DiTSparseAttention:
                 "dense_blocks": ("STRING", {"default": "0", "tooltip": _TOOLTIPS["dense_blocks"]}),
                 "min_tokens": (
                     "INT",
-                    {"default": 4096, "min": 0, "max": 1 << 24, "step": 64, "tooltip": _TOOLTIPS["min_tokens"]},
+                    {
+                        "default": DEFAULT_MIN_TOKENS,
+                        "min": 0,
+                        "max": 1 << 24,
+                        "step": 64,
+                        "tooltip": _TOOLTIPS["min_tokens"],
+                    },
                 ),
             }
         }
@@ -608,7 +621,12 @@ def v3_extension() -> Any:
                     ),
                     io.String.Input("dense_blocks", default="0", tooltip=_TOOLTIPS["dense_blocks"]),
                     io.Int.Input(
-                        "min_tokens", default=4096, min=0, max=1 << 24, step=64, tooltip=_TOOLTIPS["min_tokens"]
+                        "min_tokens",
+                        default=DEFAULT_MIN_TOKENS,
+                        min=0,
+                        max=1 << 24,
+                        step=64,
+                        tooltip=_TOOLTIPS["min_tokens"],
                     ),
                 ],
                 outputs=[io.Model.Output()],
