@@ -41,7 +41,6 @@ __all__ = [
     "write_video",
 ]
 
-VIDEO_SUFFIXES = (".mp4", ".gif")
 #: what ``--out`` may be: a video, one PNG (a one-frame render), or a folder that receives ``frame_0000.png``, ...
 OUT_FORMATS = ".mp4 (H.264), .gif, .png (a single frame), or a folder for PNG frames (no suffix, or ending in '/')"
 

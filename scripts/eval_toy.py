@@ -95,6 +95,36 @@ def frame_diff(video: np.ndarray) -> float:
     return float(np.abs(np.diff(video, axis=0)).mean())
 
 
+def score_renders(
+    items: list[dict[str, str]], videos: list[np.ndarray], size: tuple[int, int, int], seed: int
+) -> dict[str, Any]:
+    """Per prompt :func:`judge` and frame change, and the rates over all of them; the data's frame change comes
+    from clips drawn for the same prompts at the same ``size`` (frames, height, width)."""
+    rows, diffs, ref_diffs = [], [], []
+    for it, vid in zip(items, videos):
+        row = {**it, **judge(vid, it["color"], it["direction"], it["shape"], it["background"])}
+        ref = render(scene_from_prompt_parts(it["color"], it["shape"], it["direction"], it["background"], seed, *size))
+        diffs.append(frame_diff(vid))
+        ref_diffs.append(frame_diff(ref))
+        row["frame_diff"] = round(diffs[-1], 4)
+        rows.append(row)
+
+    def rate(key: str) -> float:
+        return round(float(np.mean([r[key] for r in rows])), 3)
+
+    return {
+        "prompts": len(rows),
+        "pass_rate": rate("pass"),
+        "color_rate": rate("color_ok"),
+        "direction_rate": rate("direction_ok"),
+        "shape_rate": rate("shape_ok"),
+        "background_rate": rate("background_ok"),
+        "frame_diff_render": round(float(np.mean(diffs)), 4),
+        "frame_diff_data": round(float(np.mean(ref_diffs)), 4),
+        "rows": rows,
+    }
+
+
 def render_set(
     pipe: ToyVideoPipeline, items: list[dict[str, str]], args: argparse.Namespace, seed: int, desc: str = "render"
 ) -> list[np.ndarray]:
@@ -190,37 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         videos = render_set(pipe, items, args, args.seed, desc=name)
         secs = time.perf_counter() - t0
-        rows, diffs, ref_diffs = [], [], []
-        for it, vid in zip(items, videos):
-            row = {**it, **judge(vid, it["color"], it["direction"], it["shape"], it["background"])}
-            ref = render(
-                scene_from_prompt_parts(
-                    it["color"],
-                    it["shape"],
-                    it["direction"],
-                    it["background"],
-                    args.seed,
-                    args.frames,
-                    args.size,
-                    args.size,
-                )
-            )
-            diffs.append(frame_diff(vid))
-            ref_diffs.append(frame_diff(ref))
-            row["frame_diff"] = round(diffs[-1], 4)
-            rows.append(row)
-        result[name] = {
-            "prompts": len(rows),
-            "pass_rate": round(float(np.mean([r["pass"] for r in rows])), 3),
-            "color_rate": round(float(np.mean([r["color_ok"] for r in rows])), 3),
-            "direction_rate": round(float(np.mean([r["direction_ok"] for r in rows])), 3),
-            "shape_rate": round(float(np.mean([r["shape_ok"] for r in rows])), 3),
-            "background_rate": round(float(np.mean([r["background_ok"] for r in rows])), 3),
-            "frame_diff_render": round(float(np.mean(diffs)), 4),
-            "frame_diff_data": round(float(np.mean(ref_diffs)), 4),
-            "seconds_per_render": round(secs / len(rows), 2),
-            "rows": rows,
-        }
+        result[name] = score_renders(items, videos, (args.frames, args.size, args.size), args.seed)
+        rows = result[name]["rows"]
+        result[name]["seconds_per_render"] = round(secs / len(rows), 2)
         print(f"{name}: pass {result[name]['pass_rate']:.0%} of {len(rows)}", flush=True)
         strip.extend(videos[:: max(len(videos) // 4, 1)][:4])
 

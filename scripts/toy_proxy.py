@@ -30,10 +30,10 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_toy import eval_prompts, frame_diff, judge  # noqa: E402
+from eval_toy import eval_prompts, render_set, score_renders  # noqa: E402
 from train_toy import Trainer  # noqa: E402
 
-from dit_accel.toy.data import HELD_OUT, render, scene_from_prompt_parts  # noqa: E402
+from dit_accel.toy.data import HELD_OUT  # noqa: E402
 from dit_accel.toy.model import build_scheduler  # noqa: E402
 from dit_accel.toy.pipeline import ToyVideoPipeline  # noqa: E402
 from dit_accel.toy.probe import word_influence  # noqa: E402
@@ -58,7 +58,8 @@ def apply_overrides(config: dict[str, Any], sets: list[str]) -> dict[str, Any]:
 
 
 def evaluate(trainer: Trainer, size: tuple[int, int, int], prompts: int, seed: int = 0) -> dict[str, Any]:
-    """Word influence of each word class and the centroid-direction score of dense renders, at the proxy size."""
+    """Word influence of each word class, and eval_toy's scores of dense renders (10 steps, CFG 4), at the proxy
+    size (square frames)."""
     pipe = ToyVideoPipeline(
         transformer=copy.deepcopy(trainer.ema[0]).eval(),
         text_encoder=copy.deepcopy(trainer.ema[1]).eval(),
@@ -69,28 +70,13 @@ def evaluate(trainer: Trainer, size: tuple[int, int, int], prompts: int, seed: i
     items = eval_prompts(sorted(HELD_OUT), 2)[:prompts]
     scenes = [(it["color"], it["shape"], it["direction"], it["background"]) for it in items[::2]]
     influence = word_influence(pipe.transformer, pipe.text_encoder, scenes, size, sigmas=(0.9, 0.6), seed=seed)
-    rows, diffs, ref_diffs = [], [], []
-    for i in range(0, len(items), 4):
-        chunk = items[i : i + 4]
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        videos = pipe(
-            [it["prompt"] for it in chunk], num_frames=frames, height=height, width=width, generator=gens
-        ).frames
-        for it, vid in zip(chunk, videos):
-            rows.append(judge(vid, it["color"], it["direction"], it["shape"], it["background"]))
-            diffs.append(frame_diff(vid))
-            ref = scene_from_prompt_parts(
-                it["color"], it["shape"], it["direction"], it["background"], seed, frames, height, width
-            )
-            ref_diffs.append(frame_diff(render(ref)))
+    settings = argparse.Namespace(frames=frames, size=height, steps=10, cfg=4.0, batch=4)
+    scores = score_renders(items, render_set(pipe, items, settings, seed, desc="eval"), size, seed)
     return {
         "influence": influence,
-        "direction_rate": round(float(np.mean([r["direction_ok"] for r in rows])), 3),
-        "color_rate": round(float(np.mean([r["color_ok"] for r in rows])), 3),
-        "shape_rate": round(float(np.mean([r["shape_ok"] for r in rows])), 3),
-        "background_rate": round(float(np.mean([r["background_ok"] for r in rows])), 3),
-        "frame_diff_ratio": round(float(np.mean(diffs) / max(np.mean(ref_diffs), 1e-9)), 2),
-        "prompts": len(rows),
+        **{k: scores[k] for k in ("direction_rate", "color_rate", "shape_rate", "background_rate")},
+        "frame_diff_ratio": round(scores["frame_diff_render"] / max(scores["frame_diff_data"], 1e-9), 2),
+        "prompts": scores["prompts"],
     }
 
 
@@ -140,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         frames, height, width = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         ap.error(f"--size {args.size!r}: expected FRAMESxHEIGHTxWIDTH, e.g. 8x32x32")
+    if height != width:
+        ap.error(f"--size {args.size!r}: height and width must be equal (the evaluation renders square frames)")
     torch.set_num_threads(args.threads)
     config = apply_overrides(json.loads(Path(args.config).read_text()), args.sets)
     phase = {"steps": args.steps, "batch": args.batch, "frames": frames, "height": height, "width": width}

@@ -78,9 +78,13 @@ class SweepSpec:
         anything is written or loaded; messages name the command-line flag."""
         from ..render import _check_int, check_device
 
-        for flag, value in (("--steps", self.steps), ("--frames", self.frames), ("--height", self.height)):
+        for flag, value in (
+            ("--steps", self.steps),
+            ("--frames", self.frames),
+            ("--height", self.height),
+            ("--width", self.width),
+        ):
             _check_int(flag, value)
-        _check_int("--width", self.width)
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
         for seed in self.seeds:

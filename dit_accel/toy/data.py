@@ -153,16 +153,17 @@ def _sample_object(
     pan_vec: tuple[float, float],
     color: str,
     allow_held_out: bool,
-    motion_weights: Sequence[float] | None = None,
+    motion_probs: np.ndarray | None = None,
     speed_range: tuple[float, float] = (1.5, 2.5),
 ) -> ObjectSpec:
-    """Draw one object whose whole frame-space trajectory stays inside the canvas."""
+    """Draw one object whose whole frame-space trajectory stays inside the canvas (``motion_probs``: one
+    probability per :data:`MOTIONS` entry, None for uniform)."""
     while True:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        if motion_weights is None:
+        if motion_probs is None:
             motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
         else:
-            motion = MOTIONS[int(rng.choice(len(MOTIONS), p=np.asarray(motion_weights) / np.sum(motion_weights)))]
+            motion = MOTIONS[int(rng.choice(len(MOTIONS), p=motion_probs))]
         if motion == "rotates" and shape not in _ROTATABLE:
             continue
         if not allow_held_out and (color, shape, motion) in HELD_OUT:
@@ -236,6 +237,7 @@ def sample_scene(
         raise ValueError(
             f"motion_weights={motion_weights!r}: expected {len(MOTIONS)} non-negative weights for {MOTIONS}, not all 0"
         )
+    probs = None if motion_weights is None else np.asarray(motion_weights, dtype=np.float64) / sum(motion_weights)
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     i, j = rng.choice(len(BG_TONES), size=2, replace=False)
     bg_colors = (BG_TONES[int(i)], BG_TONES[int(j)])
@@ -258,7 +260,7 @@ def sample_scene(
     colors = rng.choice(len(COLORS), size=n_obj, replace=False)
     names = list(COLORS)
     objects = tuple(
-        _sample_object(rng, frames, height, width, pan_vec, names[int(c)], allow_held_out, motion_weights, speed_range)
+        _sample_object(rng, frames, height, width, pan_vec, names[int(c)], allow_held_out, probs, speed_range)
         for c in colors
     )
     return SceneSpec(frames, height, width, background, bg_colors, bg_param, pan, pan_speed, objects)

@@ -23,11 +23,21 @@ from collections import Counter
 
 import numpy as np
 
-from .data import SHAPES, segment_color
+from .data import segment_color
 
 REACH = {"circle": 1 / math.sqrt(math.pi), "square": math.sqrt(2) / 2, "triangle": 2 / math.sqrt(3 * math.sqrt(3))}
 RING_HOLE_SHARE = 0.06
 MIN_PIXELS = 12
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """``mask`` grown by one pixel in the four axis directions."""
+    grown = mask.copy()
+    grown[1:, :] |= mask[:-1, :]
+    grown[:-1, :] |= mask[1:, :]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -36,12 +46,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     free = ~mask
     outside[0, :], outside[-1, :], outside[:, 0], outside[:, -1] = free[0, :], free[-1, :], free[:, 0], free[:, -1]
     while True:
-        grown = outside.copy()
-        grown[1:, :] |= outside[:-1, :]
-        grown[:-1, :] |= outside[1:, :]
-        grown[:, 1:] |= outside[:, :-1]
-        grown[:, :-1] |= outside[:, 1:]
-        grown &= free
+        grown = _grow(outside) & free
         if (grown == outside).all():
             return ~outside
         outside = grown
@@ -69,21 +74,9 @@ def video_shape(video: np.ndarray, color: str) -> str | None:
     return votes.most_common(1)[0][0] if votes else None
 
 
-def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
-    out = mask.copy()
-    for _ in range(steps):
-        grown = out.copy()
-        grown[1:, :] |= out[:-1, :]
-        grown[:-1, :] |= out[1:, :]
-        grown[:, 1:] |= out[:, :-1]
-        grown[:, :-1] |= out[:, 1:]
-        out = grown
-    return out
-
-
 def frame_background(frame: np.ndarray, object_mask: np.ndarray, unexplained: float = 0.15) -> str:
     """The background kind of one frame (H, W, 3) around ``object_mask``: plain, gradient, striped or checkered."""
-    keep = ~_dilate(object_mask, 2)
+    keep = ~_grow(_grow(object_mask))
     lum = frame.mean(-1)
     ys, xs = np.nonzero(keep)
     v = lum[keep]
@@ -115,4 +108,4 @@ def video_background(video: np.ndarray, color: str) -> str:
     return votes.most_common(1)[0][0]
 
 
-__all__ = ["REACH", "SHAPES", "fill_holes", "frame_background", "frame_shape", "video_background", "video_shape"]
+__all__ = ["REACH", "fill_holes", "frame_background", "frame_shape", "video_background", "video_shape"]
