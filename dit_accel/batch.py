@@ -109,10 +109,8 @@ def read_prompts(path: str | Path) -> list[str]:
 def _batch_layout(out: str) -> tuple[Path, str]:
     """``--out video.mp4`` -> folder ``video/`` with ``0000.mp4``...; ``--out dir`` (no suffix, a trailing ``/`` or
     an existing folder, as in :func:`dit_accel.render.output_kind`) -> ``dir/0000.mp4``..."""
-    from .render import output_kind
-
     path = Path(out)
-    if output_kind(out) == "folder":
+    if out.endswith(("/", os.sep)) or not path.suffix or path.is_dir():
         return path, ".mp4"
     return path.with_suffix(""), path.suffix
 
