@@ -315,3 +315,16 @@ def test_block_level_gating_is_not_the_official_selection(rng):
     tok = tok[..., inv, :][..., inv]
     chunk, _ = official_partition(GRID, SIZES[1])
     assert not torch.equal(tok.expand(2, 2, -1, -1), theirs[..., chunk])
+
+
+@pytest.mark.skipif(not kernels._triton_available(), reason="Triton is not installed")
+@pytest.mark.parametrize("partition", [1, 2])
+def test_the_triton_kernel_computes_the_same_token_gating(rng, monkeypatch, partition):
+    """The same selection through the Triton kernel (the interpreter on a CPU): float32, as the kernels take."""
+    q, k, v = (x.float() for x in _inputs("structured", GRID, rng, b=1))
+    options = dict(vmoba_select="threshold", tau=0.25)
+    _, _, want = _run(GRID, SIZES, partition, options, q, k, v)
+    monkeypatch.setenv("DIT_ACCEL_KERNELS", "triton")
+    _, call, got = _run(GRID, SIZES, partition, options, q, k, v)
+    assert kernels.backend_for(q.device) == "triton" and call.cache.pattern.query_groups is not None
+    torch.testing.assert_close(got.out, want.out, atol=2e-5, rtol=2e-5)
