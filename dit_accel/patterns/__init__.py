@@ -118,8 +118,9 @@ def plan_for(config: AccelConfig, layout: TokenLayout | None, n: int, site_index
         groups = GroupGeometry(None, None, groups.group_of, groups.n_groups, groups.group_coords, groups.group_grid)
     max_forced = int(forced.sum(-1).max()) if forced.numel() else 0
     video_index = key_groups = None
-    if groups is not None and pattern == "vmoba":
-        video_index = torch.nonzero(groups.group_of >= 0).flatten()
+    if groups is not None and pattern == "vmoba" and geo_layout is not None:
+        start = geo_layout.video_start  # text stays in place: the video tokens keep their range
+        video_index = torch.arange(start, start + geo_layout.video_tokens, device=device)
         key_groups = groups.group_of.to(torch.int32)
         key_groups[: config.sink_blocks * config.block_n] = -1  # sink keys: seen by every query, like text
     return Plan(

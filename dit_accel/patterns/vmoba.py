@@ -61,14 +61,21 @@ def vmoba_axis_chunks(
     split as evenly as the extent allows: position ``x`` of an axis of extent ``e`` split ``c`` ways is in chunk
     ``x * c // e``). Axes the partition does not split are one chunk: rows and cols in 1D, frames in 2D.
     """
+    return _axis_chunks(grid, partition, counts, sizes)[0]
+
+
+def _axis_chunks(grid, partition, counts, sizes) -> tuple[list[torch.Tensor], tuple[int, int, int]]:
+    """:func:`vmoba_axis_chunks` and the number of chunks along each axis (host ints, no tensor read)."""
     split = {0: (0,), 1: (1, 2), 2: (0, 1, 2)}[partition]
     out = [torch.zeros(e, dtype=torch.long) for e in grid]
+    n_chunks = [1, 1, 1]
     for i, axis in enumerate(split):
         extent = grid[axis]
         pos = torch.arange(extent)
         if sizes is None:
             c = max(1, min(int(counts[i]), extent))
             out[axis] = pos * c // extent
+            n_chunks[axis] = c
             continue
         size = int(sizes[i])
         if partition > 0 and extent % size:  # process_moba_input asserts it for 2D and 3D chunks
@@ -80,7 +87,8 @@ def vmoba_axis_chunks(
                 f"{allowed}; or give chunk counts (vmoba_chunks) instead"
             )
         out[axis] = pos // size  # 1D: the last chunk takes the frames that are left (the official calc_chunks)
-    return out
+        n_chunks[axis] = -(-extent // size)
+    return out, tuple(n_chunks)  # type: ignore[return-value]
 
 
 def vmoba_geometry(
@@ -93,8 +101,7 @@ def vmoba_geometry(
     """Video tokens reordered chunk by chunk (text tokens stay where they are), as ``process_moba_input`` orders
     them: chunks frame-chunk-major, then row, then column; tokens inside a chunk in raster order."""
     f, h, w = layout.grid
-    fi, hi, wi = vmoba_axis_chunks(layout.grid, partition, counts, sizes)
-    nt = tuple(int(x[-1]) + 1 for x in (fi, hi, wi))
+    (fi, hi, wi), nt = _axis_chunks(layout.grid, partition, counts, sizes)
     chunk = ((fi.view(f, 1, 1) * nt[1] + hi.view(1, h, 1)) * nt[2] + wi.view(1, 1, w)).flatten()
     video_perm = torch.sort(chunk, stable=True).indices
     start, n = layout.video_start, layout.total_tokens
@@ -105,7 +112,7 @@ def vmoba_geometry(
     coords = torch.stack(torch.meshgrid(*(torch.arange(t) for t in nt), indexing="ij"), -1).view(-1, 3)
     n_groups = math.prod(nt)
     group_of, coords = group_of.to(device), coords.to(device)
-    if torch.equal(video_perm, torch.arange(video_perm.numel())):
+    if nt[1] == nt[2] == 1:  # chunks of whole frames: already contiguous (decided without reading a tensor)
         return GroupGeometry(None, None, group_of, n_groups, coords, nt)  # type: ignore[arg-type]
     perm = perm.to(device)
     return GroupGeometry(perm, inverse_permutation(perm), group_of, n_groups, coords, nt)  # type: ignore[arg-type]
