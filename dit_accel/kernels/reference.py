@@ -24,6 +24,7 @@ Conventions (shared with the Triton kernels):
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -85,12 +86,19 @@ def check_key_padding(key_padding: torch.Tensor | None, b: int, n: int, device: 
 
 
 def pack_groups(select: torch.Tensor) -> torch.Tensor:
-    """bool (..., G) -> int64 bit words (..., ceil(G / 64)); bit ``g % 64`` of word ``g // 64`` = ``select[..., g]``."""
+    """bool (..., G) -> int64 bit words (..., ceil(G / 64)); bit ``g % 64`` of word ``g // 64`` = ``select[..., g]``.
+
+    Eight bits at a time into bytes, then the bytes read as int64 (little-endian byte order), so no tensor wider
+    than ``select`` itself is made (VMoBA's (B, H, N, chunks) selections are large)."""
     g = select.shape[-1]
     words = max(1, math.ceil(g / 64))
-    padded = torch.nn.functional.pad(select.to(torch.int64), (0, words * 64 - g)).view(*select.shape[:-1], words, 64)
-    # distinct powers of two never carry, and 1 << 63 is int64's sign bit: the sum is the exact bit pattern
-    return (padded << torch.arange(64, device=select.device)).sum(-1)
+    bits = torch.nn.functional.pad(select.to(torch.uint8), (0, words * 64 - g))
+    if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+        wide = bits.view(*select.shape[:-1], words, 64).to(torch.int64)
+        return (wide << torch.arange(64, device=select.device)).sum(-1)  # distinct powers of two: no carry
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=select.device)
+    octets = (bits.view(*select.shape[:-1], words, 8, 8) * weights).sum(-1, dtype=torch.uint8)
+    return octets.contiguous().view(torch.int64).squeeze(-1)
 
 
 def unpack_groups(words: torch.Tensor, n_groups: int) -> torch.Tensor:
