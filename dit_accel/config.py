@@ -61,9 +61,10 @@ OWNER: dict[str, str] = {name: part for part in _PART_TYPES for name in _part_fl
 FLAT_OPTIONS: tuple[str, ...] = (
     "method", "sparsity", "block_m", "block_n", "min_tokens", "dense_steps", "dense_layers", "num_steps", "smooth_k",
     "sink_blocks", "self_block", "keep_rounding", "dense_backend", "pattern", "tiled", "compensation", "tau",
-    "threshold_scope", "tile", "window", "raster_fraction", "vmoba_chunks", "vmoba_select", "vmoba_topk", "ramp",
-    "rho_clamp", "feature_map", "negligible", "linear_weight", "refresh_every", "reuse_pattern_every",
-    "refresh_drift", "cache_dtype", "cache_offload", "cache_budget_mb",
+    "threshold_scope", "tile", "window", "raster_fraction", "vmoba_chunks", "vmoba_select", "vmoba_topk",
+    "vmoba_chunk_size", "vmoba_gate", "vmoba_scope", "ramp", "rho_clamp", "feature_map", "negligible",
+    "linear_weight", "refresh_every", "reuse_pattern_every", "refresh_drift", "cache_dtype", "cache_offload",
+    "cache_budget_mb",
 )  # fmt: skip
 #: every option ``accelerate`` and :class:`AccelConfig` take besides ``method``
 ALLOWED: tuple[str, ...] = tuple(sorted(set(FLAT_OPTIONS) - {"method"} | {"schedule"}))
@@ -156,6 +157,9 @@ class AccelConfig:
     vmoba_chunks = _Flat["tuple[tuple[int, ...], ...]"]("pattern")
     vmoba_select = _Flat[str]("pattern")
     vmoba_topk = _Flat["tuple[int, int, int] | None"]("pattern")
+    vmoba_chunk_size = _Flat["tuple[tuple[int, ...], ...] | None"]("pattern")
+    vmoba_gate = _Flat[str]("pattern")
+    vmoba_scope = _Flat[str]("pattern")
     ramp = _Flat[float]("compensation")
     rho_clamp = _Flat[bool]("compensation")
     feature_map = _Flat[str]("compensation")
@@ -209,6 +213,7 @@ class AccelConfig:
         for part in ("pattern", "compensation"):
             _drop_preset_leftovers(_PART_TYPES[part], values[part], user)
         _check_negligible(values["pattern"], values["compensation"], user)
+        _check_vmoba_gate(values["pattern"], values["compensation"])
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "pattern", PatternConfig(**values["pattern"]))
         object.__setattr__(self, "compensation", CompensationConfig(**values["compensation"]))
@@ -318,6 +323,16 @@ def _check_negligible(pattern: dict[str, Any], compensation: dict[str, Any], use
             "pattern 'topk' or 'threshold' (it ranks pooled block scores)"
         )
     compensation["negligible"] = 0.0
+
+
+def _check_vmoba_gate(pattern: dict[str, Any], compensation: dict[str, Any]) -> None:
+    """The linear branch sums whole skipped blocks; token-gated VMoBA skips keys inside the blocks it computes."""
+    if pattern["kind"] == "vmoba" and pattern.get("vmoba_gate") == "token" and compensation["kind"] == "linear":
+        raise ValueError(
+            "compensation='linear' does not apply to pattern 'vmoba' with vmoba_gate='token' (the linear branch "
+            "covers whole skipped blocks; token gating skips keys inside computed blocks); use vmoba_gate='block' "
+            "or compensation 'none' or 'reshape'"
+        )
 
 
 def resolve_config(method: str | None = None, config: AccelConfig | None = None, **options: Any) -> AccelConfig:

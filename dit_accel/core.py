@@ -42,6 +42,8 @@ DENSE_REASONS: dict[str, str] = {
     "dense_layer": "the layer is in dense_layers",
     "dense_step": "one of the first dense_steps steps",
     "no_layout": "the token layout is unknown and the pattern or text tokens need it",
+    "vmoba_local": "token-gated VMoBA would choose only each query's own chunk (one chunk, or top-1): the official "
+    "code runs dense then",
     "method": "the method is dense (the A/B reference)",
 }
 

@@ -91,6 +91,16 @@ def _positive_triple(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} must be None or three positive integers (frames, rows, cols)")
 
 
+def _partition_triple(value: Any) -> bool:
+    """Whether ``value`` is VMoBA's three partitions: ((a,), (b, c), (d, e, f)) of positive integers."""
+    return (
+        isinstance(value, tuple)
+        and len(value) == 3
+        and [len(c) if isinstance(c, tuple) else -1 for c in value] == [1, 2, 3]
+        and all(not isinstance(n, bool) and isinstance(n, int) and n >= 1 for c in value for n in c)
+    )
+
+
 def _bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} must be True or False")
@@ -111,6 +121,8 @@ PATTERN_RULES: dict[str, Rule] = {
         "pattern 'topk' or 'threshold' ('window', 'inward' and 'vmoba' always reorder, 'raster' never does)",
     ),
     "vmoba_select": (lambda v: v["kind"] == "vmoba", "pattern 'vmoba'"),
+    "vmoba_gate": (lambda v: v["kind"] == "vmoba", "pattern 'vmoba'"),
+    "vmoba_chunk_size": (lambda v: v["kind"] == "vmoba", "pattern 'vmoba'"),
     "self_block": (lambda v: v["kind"] in SCORED_PATTERNS, "pattern 'topk' or 'threshold'"),
     "keep_rounding": (lambda v: v["kind"] == "topk", "pattern 'topk'"),
     "smooth_k": (
@@ -128,10 +140,17 @@ PATTERN_RULES: dict[str, Rule] = {
     ),
     "window": (lambda v: v["kind"] in ("window", "inward"), "pattern 'window' or 'inward'"),
     "raster_fraction": (lambda v: v["kind"] == "raster", "pattern 'raster'"),
-    "vmoba_chunks": (lambda v: v["kind"] == "vmoba", "pattern 'vmoba'"),
+    "vmoba_chunks": (
+        lambda v: v["kind"] == "vmoba" and v["vmoba_chunk_size"] is None,
+        "pattern 'vmoba' with vmoba_chunk_size=None (give chunk counts or the official chunk sizes, not both)",
+    ),
     "vmoba_topk": (
         lambda v: v["kind"] == "vmoba" and v["vmoba_select"] == "topk",
         "pattern 'vmoba' with vmoba_select='topk'",
+    ),
+    "vmoba_scope": (
+        lambda v: v["kind"] == "vmoba" and v["vmoba_gate"] == "token" and v["vmoba_select"] == "threshold",
+        "pattern 'vmoba' with vmoba_gate='token' and vmoba_select='threshold'",
     ),
 }
 
@@ -240,12 +259,31 @@ class PatternConfig(_Part):
             whose volume is the smaller block size and that wastes the fewest tokens on the grid.
         window: ``window``/``inward``: extent in tiles (frames, rows, cols); None derives it from ``sparsity``.
         raster_fraction: ``raster``: band width as a fraction of a frame's tokens; None means 1 - sparsity.
-        vmoba_chunks: ``vmoba``: chunk counts per partition: (frames,) for 1D, (rows, cols) for 2D,
-            (frames, rows, cols) for 3D; layer ``l`` uses partition ``l % 3``.
-        vmoba_select: ``vmoba``: ``topk`` (local + top-k per query block, the paper's training-free mode) or
-            ``threshold`` (global per-head selection of pairs up to ``tau``, the paper's trained mode).
-        vmoba_topk: ``vmoba`` with ``vmoba_select="topk"``: chunks kept per query block for the three
-            partitions; None derives them from ``sparsity``.
+        vmoba_chunks: ``vmoba``: how many chunks along each partitioned axis of the latent grid (tokens after
+            patchify): (frames,) for 1D, (rows, cols) for 2D (each spatial tile spans all frames), (frames, rows,
+            cols) for 3D; layer ``l`` uses partition ``l % 3``. An axis of extent ``e`` split ``c`` ways gets
+            exactly ``min(c, e)`` chunks of ``e // c`` or ``e // c + 1`` positions (position ``x`` is in chunk
+            ``x * c // e``); where ``c`` divides ``e`` these are VMoBA's own chunks of ``e / c`` (Wan2.1 480p,
+            21 x 30 x 52: ((7,), (6, 4), (3, 6, 4)) gives 3 frames, 5 x 13 and 7 x 5 x 13, the paper's).
+        vmoba_chunk_size: ``vmoba``: the chunks in VMoBA's own unit instead (its ``process_moba_input``
+            ``chunk_size``), latent positions per chunk: (frames,) for 1D, the last chunk taking what is left;
+            (rows, cols) for 2D and (frames, rows, cols) for 3D, which must divide the grid (the official code
+            asserts it; here a call on a grid they do not divide raises ``ValueError``). None uses
+            ``vmoba_chunks``.
+        vmoba_select: ``vmoba``: ``topk`` (the own chunk + the highest others, ``vmoba_topk`` in all; the paper's
+            training-free "local + top-k") or ``threshold`` (cumulative normalised gate mass ``tau``, the
+            official code's default mode, with ``tau=0.25``).
+        vmoba_gate: ``vmoba``: what is gated against each chunk's mean key: ``token`` (every query token, as the
+            official code: a key block is computed for the tokens that chose its chunk only, see
+            :func:`dit_accel.kernels.block_sparse_attention`'s groups) or ``block`` (ours: the mean query of each
+            kernel block, and a chosen chunk switches on every key block it overlaps).
+        vmoba_topk: ``vmoba`` with ``vmoba_select="topk"``: chunks kept per query token (``token``) or query
+            block (``block``), the own chunk included, for the three partitions; None derives them from
+            ``sparsity``.
+        vmoba_scope: ``vmoba`` with ``vmoba_gate="token"`` and ``vmoba_select="threshold"``: the official
+            ``threshold_type``: ``query_head`` (its default: per query token and head, over the chunks) or
+            ``head_global`` (the paper's global selection: per head, over all (query, chunk) pairs). (With
+            ``vmoba_gate="block"`` the threshold is per head over all (query block, chunk) pairs.)
     """
 
     kind: str = "topk"
@@ -263,8 +301,11 @@ class PatternConfig(_Part):
     window: tuple[int, int, int] | None = None
     raster_fraction: float | None = None
     vmoba_chunks: tuple[tuple[int, ...], ...] = ((7,), (6, 4), (3, 6, 4))
+    vmoba_chunk_size: tuple[tuple[int, ...], ...] | None = None
     vmoba_select: str = "topk"
+    vmoba_gate: str = "block"
     vmoba_topk: tuple[int, int, int] | None = None
+    vmoba_scope: str = "query_head"
 
     KIND_NAME = "pattern"
     RULES = PATTERN_RULES
@@ -272,9 +313,10 @@ class PatternConfig(_Part):
     def __post_init__(self) -> None:
         for name in ("tile", "window", "vmoba_topk"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
-        chunks = self.vmoba_chunks
-        if isinstance(chunks, (list, tuple)) and all(isinstance(c, (list, tuple)) for c in chunks):
-            object.__setattr__(self, "vmoba_chunks", tuple(tuple(c) for c in chunks))
+        for name in ("vmoba_chunks", "vmoba_chunk_size"):
+            chunks = getattr(self, name)
+            if isinstance(chunks, (list, tuple)) and all(isinstance(c, (list, tuple)) for c in chunks):
+                object.__setattr__(self, name, tuple(tuple(c) for c in chunks))
         self._validate()
         self._check_applicable()
 
@@ -283,6 +325,10 @@ class PatternConfig(_Part):
         text = f"pattern {values['kind']!r}"
         if values["kind"] == "vmoba" and name in ("tau", "vmoba_topk"):
             text += f" with vmoba_select={values['vmoba_select']!r}"
+        elif values["kind"] == "vmoba" and name == "vmoba_scope":
+            text += f" with vmoba_gate={values['vmoba_gate']!r}, vmoba_select={values['vmoba_select']!r}"
+        elif values["kind"] == "vmoba" and name == "vmoba_chunks":
+            text += f" with vmoba_chunk_size={values['vmoba_chunk_size']!r}"
         elif values["kind"] in SCORED_PATTERNS and name == "tile":
             text += " with tiled=False"
         return text
@@ -304,21 +350,22 @@ class PatternConfig(_Part):
         _bool("tiled", self.tiled)
         _choice("threshold_scope", self.threshold_scope, ("row", "head"))
         _choice("vmoba_select", self.vmoba_select, ("topk", "threshold"))
+        _choice("vmoba_gate", self.vmoba_gate, ("token", "block"))
+        _choice("vmoba_scope", self.vmoba_scope, ("query_head", "head_global"))
         _number("tau", self.tau, 0.0, 1.0, "(0, 1]", low_open=True)
         if self.raster_fraction is not None:
             _number("raster_fraction", self.raster_fraction, 0.0, 1.0, "(0, 1] or None", low_open=True)
         for name in ("tile", "window"):
             _positive_triple(name, getattr(self, name))
-        chunks = self.vmoba_chunks
-        if (
-            not isinstance(chunks, tuple)
-            or len(chunks) != 3
-            or [len(c) if isinstance(c, tuple) else -1 for c in chunks] != [1, 2, 3]
-            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for c in chunks for n in c)
-        ):
+        if not _partition_triple(self.vmoba_chunks):
             raise ValueError(
-                f"vmoba_chunks={chunks!r} must be three tuples of positive chunk counts: (frames,), (rows, cols), "
-                "(frames, rows, cols), e.g. ((7,), (6, 4), (3, 6, 4))"
+                f"vmoba_chunks={self.vmoba_chunks!r} must be three tuples of positive chunk counts: (frames,), "
+                "(rows, cols), (frames, rows, cols), e.g. ((7,), (6, 4), (3, 6, 4))"
+            )
+        if self.vmoba_chunk_size is not None and not _partition_triple(self.vmoba_chunk_size):
+            raise ValueError(
+                f"vmoba_chunk_size={self.vmoba_chunk_size!r} must be None or three tuples of positive chunk sizes "
+                "in latent positions: (frames,), (rows, cols), (frames, rows, cols), e.g. ((3,), (5, 13), (7, 5, 13))"
             )
         if self.vmoba_topk is not None:
             topk = self.vmoba_topk

@@ -98,14 +98,17 @@ _PRESETS = (
         CompensationConfig(kind="linear", linear_weight="proj", feature_map="softmax", negligible=0.0),
     ),
     # VMoBA training-free (arXiv 2506.23858, Table 4, 480p): local + top-k over 1D/2D/3D chunks cycling with the
-    # layer (7 | 6x4 | 3x6x4 chunks, k = 2 | 6 | 18), first 25 % of steps dense, no compensation.
+    # layer (7 | 6x4 | 3x6x4 chunks, k = 2 | 6 | 18), first 25 % of steps dense, no compensation; selection as the
+    # official code (KwaiVGI/VMoBA 4da72ff, src/vmoba.py): every query token gated against each chunk's mean key,
+    # dense when only the own chunks are chosen (tests/methods/test_paper_vmoba.py re-implements it).
     Preset(
         "vmoba-paper",
-        "VMoBA training-free: 1D/2D/3D chunks, local + top-k (2|6|18 of 7|24|72), 25% dense",
+        "VMoBA training-free: 1D/2D/3D chunks, per-token local + top-k (2|6|18 of 7|24|72), 25% dense",
         PatternConfig(
             kind="vmoba",
             sparsity=0.75,
             vmoba_select="topk",
+            vmoba_gate="token",
             vmoba_chunks=((7,), (6, 4), (3, 6, 4)),
             vmoba_topk=(2, 6, 18),
             block_m=64,
@@ -134,11 +137,12 @@ _PRESETS = (
         CompensationConfig(kind="linear", linear_weight="mass", negligible=0.0),
         ScheduleConfig(dense_steps=0.1, refresh_every=0),
     ),
-    # VMoBA's 1D/2D/3D chunks cycling with the layer (local + top-k), compensated by Re-ttention's reshape.
+    # VMoBA's 1D/2D/3D chunks cycling with the layer (local + top-k per query block), compensated by
+    # Re-ttention's reshape.
     Preset(
         "vmoba",
-        "ours: VMoBA chunks (local + top-k) with Re-ttention's reshape, 10% dense, refresh/5",
-        PatternConfig(kind="vmoba", sparsity=0.85, vmoba_select="topk", vmoba_topk=None),
+        "ours: VMoBA chunks (block-gated local + top-k) with Re-ttention's reshape, 10% dense, refresh/5",
+        PatternConfig(kind="vmoba", sparsity=0.85, vmoba_select="topk", vmoba_gate="block", vmoba_topk=None),
         CompensationConfig(kind="reshape", ramp=0.0, rho_clamp=True),
         ScheduleConfig(dense_steps=0.1, refresh_every=5),
     ),

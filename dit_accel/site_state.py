@@ -38,6 +38,8 @@ class BlockPattern:
     static: bool = False  # geometry only: valid for the whole generation
     negligible: torch.Tensor | None = None  # SLA's skipped blocks (bool like the mask)
     outside: torch.Tensor | None = None  # blocks outside the pattern (the mass-weighted linear branch)
+    key_groups: torch.Tensor | None = None  # token-gated VMoBA: the chunk of each key (shared with the plan)
+    query_groups: torch.Tensor | None = None  # token-gated VMoBA: int64 bit words of the chunks each query sees
 
     def nbytes(self) -> int:
         return _tensor_bytes(self)

@@ -33,6 +33,7 @@ from dit_accel.config import resolve_config
 from dit_accel.layout import TokenLayout
 from dit_accel.methods import ComposedMethod, SiteCall, build_method
 from dit_accel.patterns import build_pattern, plan_for
+from dit_accel.site_state import BranchState
 from dit_accel.state import DenoiseState
 
 DENSITIES = (0.03, 0.05, 0.10, 0.25)
@@ -187,7 +188,7 @@ def attention_error(cfg, inputs, layout, site_index: int = 0) -> dict[str, float
     """Mean relative L2 error over the sparse steps, running the method from step 0 with one cache."""
     method = build_method(cfg.replace(dense_steps=0))
     assert isinstance(method, ComposedMethod)
-    cache: dict[str, Any] = {}
+    cache = BranchState()
     errors, dens = [], []
     for step, (q, k, v) in enumerate(inputs):
         result = method.attend(_call(q, k, v, method.config, layout, step, cache, site_index))

@@ -24,6 +24,10 @@ from dit_accel.testing import tiny_pipeline
         ("rettention", "threshold_scope", "head", "pattern 'threshold'"),
         ("window", "smooth_k", False, "pattern 'topk' or 'threshold'"),
         ("vmoba", "tau", 0.5, "vmoba_select='threshold'"),
+        ("vmoba-paper", "vmoba_scope", "head_global", "vmoba_gate='token' and vmoba_select='threshold'"),
+        ("vmoba", "vmoba_scope", "head_global", "vmoba_gate='token' and vmoba_select='threshold'"),
+        ("rettention", "vmoba_gate", "token", "pattern 'vmoba'"),
+        ("rettention", "vmoba_chunk_size", ((3,), (5, 13), (7, 5, 13)), "pattern 'vmoba'"),
         ("blocktopk", "feature_map", "elu", "compensation 'linear'"),  # no linear branch to map
         ("blocktopk", "linear_weight", "proj", "compensation 'linear'"),
         ("sla", "ramp", 0.1, "compensation 'reshape'"),
@@ -39,6 +43,20 @@ def test_an_option_that_does_not_apply_is_refused_by_name(method, option, value,
     with pytest.raises(ValueError, match=rf"^{option}="):
         dit_accel.accelerate(pipe, method, **{option: value})
     assert not hasattr(pipe.transformer, "_dit_accel_accelerator")  # nothing was installed
+
+
+def test_vmoba_chunk_options_are_checked():
+    sizes = ((3,), (5, 13), (7, 5, 13))
+    with pytest.raises(ValueError, match=r"^vmoba_chunks=.*it needs .*vmoba_chunk_size=None"):
+        resolve_config("vmoba-paper", vmoba_chunk_size=sizes, vmoba_chunks=((2,), (2, 2), (2, 2, 3)))
+    for bad in (((3,), (5,), (7, 5, 13)), ((0,), (5, 13), (7, 5, 13)), (3, 5, 7)):
+        with pytest.raises(ValueError, match=r"^vmoba_chunk_size=.*three tuples of positive chunk sizes"):
+            resolve_config("vmoba-paper", vmoba_chunk_size=bad)
+    with pytest.raises(ValueError, match=r"compensation='linear' does not apply to pattern 'vmoba' with vmoba_gate"):
+        resolve_config("vmoba-paper", compensation="linear")
+    assert resolve_config("vmoba", compensation="linear").vmoba_gate == "block"  # block gating mixes with SLA
+    cfg = resolve_config("vmoba-paper", vmoba_chunk_size=[[3], [5, 13], [7, 5, 13]])
+    assert cfg.vmoba_chunk_size == ((3,), (5, 13), (7, 5, 13))
 
 
 def test_negligible_needs_a_scored_pattern_even_with_the_linear_branch():

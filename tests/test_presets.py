@@ -15,11 +15,19 @@ from dit_accel.config import resolve_config
 
 BEFORE = json.loads((Path(__file__).parent / "data" / "presets_before_parts.json").read_text())
 #: fields added since the fixture, at their defaults in every preset unless CHANGED says otherwise
-ADDED = {"self_block": True, "keep_rounding": "half_up"}
+ADDED = {
+    "self_block": True,
+    "keep_rounding": "half_up",
+    "vmoba_chunk_size": None,
+    "vmoba_gate": "block",
+    "vmoba_scope": "query_head",
+}
 #: deliberate changes since the fixture, each with its reason
 CHANGED = {
     # follow SLA's official selection (issue 17): no forced diagonal, int(topk * K), no negligible class
     "sla-paper": {"self_block": False, "keep_rounding": "floor", "negligible": 0.0},
+    # follow VMoBA's official selection (issue 17): every query token gated against each chunk's mean key
+    "vmoba-paper": {"vmoba_gate": "token"},
 }
 
 

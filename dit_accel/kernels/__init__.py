@@ -27,6 +27,7 @@ __all__ = [
     "key_padding_from_mask",
     "lut_from_mask",
     "mean_pool",
+    "pack_groups",
     "reference",
     "topk_mask",
 ]
@@ -79,19 +80,23 @@ def block_sparse_attention(
     return_lse: bool = True,
     return_mass: bool = False,
     key_padding: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
 ):
     """Block-sparse attention over a per-(batch, head, query block) LUT of key blocks.
 
     Returns ``(out, lse)`` (``lse`` float32 (B, H, N), natural log) or ``out`` alone with ``return_lse=False``;
     ``return_mass`` appends the per-(query block, LUT slot) attention mass (float32 (B, H, n_q, max_blocks)).
     ``key_padding`` (bool (B, N), True = attend) masks keys inside the listed blocks; a row left with no key
-    gets 0 and ``lse`` -inf (SDPA's answer for a fully masked row).
+    gets 0 and ``lse`` -inf (SDPA's answer for a fully masked row). ``key_groups`` (int32 (N,), -1 = every query
+    sees the key) with ``query_groups`` (int64 bit words (B, H, N, ceil(G / 64)), :func:`pack_groups`) keep each
+    query token to the keys of its own groups inside the listed blocks (VMoBA's token-level chunk gating).
     See :mod:`dit_accel.kernels.reference` for the layout of ``kv_indices`` and ``kv_counts``.
     """
     _check_block(block_m, block_n)
     return _impl("block_sparse_attention", q.device)(
         q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
-        return_mass=return_mass, key_padding=key_padding,
+        return_mass=return_mass, key_padding=key_padding, key_groups=key_groups, query_groups=query_groups,
     )  # fmt: skip
 
 
@@ -106,13 +111,17 @@ def block_sparse_attention_pair(
     block_n: int,
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(o_sparse, lse_sparse, o_full, lse_full)`` of one call: what a Re-ttention refresh step needs, computed
-    in one pass over the key blocks by the Triton kernel; ``key_padding`` masks keys in both."""
+    in one pass over the key blocks by the Triton kernel; ``key_padding`` masks keys in both, the groups (see
+    :func:`block_sparse_attention`) restrict the sparse half."""
     _check_block(block_m, block_n)
     return _impl("block_sparse_attention_pair", q.device)(
-        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding
-    )
+        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding,
+        key_groups=key_groups, query_groups=query_groups,
+    )  # fmt: skip
 
 
 def sparse_linear_attention(
@@ -207,6 +216,11 @@ def pooled_topk_lut(
     return _impl("pooled_topk_lut", q.device)(
         q, k, block_m, block_n, k_blocks, forced=forced, smooth_k=smooth_k, scale=scale, key_padding=key_padding
     )
+
+
+def pack_groups(select: torch.Tensor) -> torch.Tensor:
+    """bool (..., G) -> the int64 bit words (..., ceil(G / 64)) ``query_groups`` takes (device op, no sync)."""
+    return reference.pack_groups(select)
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:

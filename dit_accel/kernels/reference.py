@@ -13,11 +13,18 @@ Conventions (shared with the Triton kernels):
 * ``key_padding`` (optional, bool (B, N), True = the key takes part) is SDPA's boolean key-padding mask: masked
   keys get no weight anywhere (softmax, linear sums, pooled means, block moments). A row none of whose keys is
   left gets output 0 and ``lse`` ``-inf``, as SDPA returns 0 for a fully masked row of a boolean mask.
+* ``key_groups`` / ``query_groups`` (optional, together; block-sparse attention and its pair only) gate keys per
+  query *token* inside the listed blocks: ``key_groups`` int32 (N,) is the group of each key (-1: a key every query
+  sees), ``query_groups`` int64 (B, H, N, ceil(G / 64)) the groups each query sees, as bit words (bit ``g % 64`` of
+  word ``g // 64``; :func:`pack_groups` builds them). VMoBA's token-level chunk gating runs on the block kernels
+  this way: the LUT lists every key block some query of the block needs, the bits keep each query to its own
+  chunks.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -33,11 +40,13 @@ __all__ = [
     "kept_counts",
     "lut_from_mask",
     "mean_pool",
+    "pack_groups",
     "permute_tokens",
     "pooled_topk_lut",
     "sparse_linear_attention",
     "threshold_mask",
     "topk_mask",
+    "unpack_groups",
     "unpermute_tokens",
 ]
 
@@ -74,6 +83,55 @@ def check_key_padding(key_padding: torch.Tensor | None, b: int, n: int, device: 
     if key_padding.device != torch.device(device):
         raise ValueError(f"key_padding must be on {device}, the device of q; got {key_padding.device}")
     return key_padding
+
+
+def pack_groups(select: torch.Tensor) -> torch.Tensor:
+    """bool (..., G) -> int64 bit words (..., ceil(G / 64)); bit ``g % 64`` of word ``g // 64`` = ``select[..., g]``.
+
+    Eight bits at a time into bytes, then the bytes read as int64 (little-endian byte order), so no tensor wider
+    than ``select`` itself is made (VMoBA's (B, H, N, chunks) selections are large)."""
+    g = select.shape[-1]
+    words = max(1, math.ceil(g / 64))
+    bits = torch.nn.functional.pad(select.to(torch.uint8), (0, words * 64 - g))
+    if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+        wide = bits.view(*select.shape[:-1], words, 64).to(torch.int64)
+        return (wide << torch.arange(64, device=select.device)).sum(-1)  # distinct powers of two: no carry
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=select.device)
+    octets = (bits.view(*select.shape[:-1], words, 8, 8) * weights).sum(-1, dtype=torch.uint8)
+    return octets.contiguous().view(torch.int64).squeeze(-1)
+
+
+def unpack_groups(words: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """The inverse of :func:`pack_groups`: bool (..., n_groups)."""
+    bits = (words[..., None] >> torch.arange(64, device=words.device)) & 1
+    return bits.flatten(-2)[..., :n_groups].bool()
+
+
+def check_groups(
+    key_groups: torch.Tensor | None, query_groups: torch.Tensor | None, b: int, h: int, n: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``key_groups`` int32 (N,) and ``query_groups`` int64 (B, H, N, W) validated (both or neither)."""
+    if key_groups is None and query_groups is None:
+        return None, None
+    if key_groups is None or query_groups is None:
+        raise ValueError("key_groups and query_groups go together: give both or neither")
+    for name, t, dtype in (("key_groups", key_groups, torch.int32), ("query_groups", query_groups, torch.int64)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+            raise ValueError(f"{name} must be an {str(dtype)[6:]} tensor; got {t!r:.80}")
+        if t.device != torch.device(device):
+            raise ValueError(f"{name} must be on {device}, the device of q; got {t.device}")
+    if tuple(key_groups.shape) != (n,):
+        raise ValueError(f"key_groups must be (N,) = ({n},); got {tuple(key_groups.shape)}")
+    if query_groups.dim() != 4 or tuple(query_groups.shape[:3]) != (b, h, n) or query_groups.shape[3] < 1:
+        raise ValueError(f"query_groups must be (B, H, N, words) = ({b}, {h}, {n}, W); got {tuple(query_groups.shape)}")
+    return key_groups, query_groups
+
+
+def _group_allowed(query_words: torch.Tensor, key_group: torch.Tensor) -> torch.Tensor:
+    """bool: whether each query (bit words (..., Q, W)) sees each key (groups (..., 1, K), -1 = seen by all)."""
+    g = key_group.clamp(min=0)
+    words = torch.gather(query_words, -1, (g >> 6).expand(*query_words.shape[:-1], g.shape[-1]))
+    return (((words >> (g & 63)) & 1) != 0) | (key_group < 0)
 
 
 def _padded_keys(key_padding: torch.Tensor | None, n: int, block: int) -> torch.Tensor | None:
@@ -139,17 +197,21 @@ def block_sparse_attention(
     return_lse: bool = True,
     return_mass: bool = False,
     key_padding: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
 ):
     """Attention of each query block to its listed key blocks only, exact, in float32 internally.
 
     With ``return_mass`` a float32 (B, H, ceil(N/block_m), max_blocks) tensor is appended to the result: for LUT
     slot ``s`` of query block ``i``, the softmax probability its key block receives, averaged over the block's real
     query rows (a non-empty row sums to 1 over its slots; slots past the count are 0). Methods use it to learn
-    which blocks carry the mass without an extra dense pass.
+    which blocks carry the mass without an extra dense pass. ``key_groups`` / ``query_groups`` restrict each query
+    to the keys of its groups inside the listed blocks (see the module docstring).
     """
     _check_block_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)
     b, h, n, d = q.shape
     key_padding = check_key_padding(key_padding, b, n, q.device)
+    key_groups, query_groups = check_groups(key_groups, query_groups, b, h, n, q.device)
     dv = v.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     n_qb = math.ceil(n / block_m)
@@ -166,6 +228,9 @@ def block_sparse_attention(
     qf = torch.nn.functional.pad(q.float(), (0, 0, 0, pad_q)).view(b, h, n_qb, block_m, d)
     key_valid = (torch.arange(n_kb * block_n, device=q.device) < n).view(n_kb, block_n)
     keys_kept = _padded_keys(key_padding, n, block_n)  # (B, n_kb, block_n) or None
+    if key_groups is not None:
+        kgroup = torch.nn.functional.pad(key_groups.long(), (0, pad_k), value=-1).view(n_kb, block_n)
+        qwords = torch.nn.functional.pad(query_groups, (0, 0, 0, pad_q)).view(b, h, n_qb, block_m, -1)
 
     out = torch.zeros(b, h, n_qb, block_m, dv, device=q.device, dtype=torch.float32)
     lse = torch.full((b, h, n_qb, block_m), float("-inf"), device=q.device, dtype=torch.float32)
@@ -191,6 +256,9 @@ def block_sparse_attention(
         if keys_kept is not None:
             valid = valid & keys_kept[torch.arange(b, device=q.device)[:, None, None, None], idx]
         valid = valid.view(b, h, rows, 1, max_blocks * block_n)
+        if key_groups is not None:  # each query token keeps the keys of its own groups only
+            groups = kgroup[idx].view(b, h, rows, 1, max_blocks * block_n)
+            valid = valid & _group_allowed(qwords[:, :, start:stop], groups)
         scores = torch.matmul(qf[:, :, start:stop], kg.transpose(-1, -2)) * scale
         scores = scores.masked_fill(~valid, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # (B, H, R, block_m)
@@ -223,15 +291,19 @@ def block_sparse_attention_pair(
     block_n: int,
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(o_sparse, lse_sparse, o_full, lse_full)``: the LUT-restricted and the full attention of one call.
 
     Re-ttention's refresh steps need both to form rho = exp(lse_sparse - lse_full) and the residual; the Triton
-    version computes them in one pass over all key blocks, sharing the selected blocks' work.
+    version computes them in one pass over all key blocks, sharing the selected blocks' work. The groups (see
+    :func:`block_sparse_attention`) restrict the sparse half only.
     """
     o_sparse, lse_sparse = block_sparse_attention(
-        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding
-    )
+        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding,
+        key_groups=key_groups, query_groups=query_groups,
+    )  # fmt: skip
     o_full, lse_full = dense_attention(q, k, v, scale=scale, key_padding=key_padding)
     return o_sparse, lse_sparse, o_full, lse_full
 

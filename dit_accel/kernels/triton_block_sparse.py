@@ -12,7 +12,9 @@ which is the oracle in the tests. Design points (see docs/kernels.md):
 * launch configurations are autotuned per card and shape and kept in ``~/.cache/dit_accel/autotune.json``; no
   launch reads a device value on the host, so every call is CUDA-graph capturable (tune once before capturing);
 * a ``key_padding`` mask travels as a float32 (B, N) key bias (0 kept, -inf masked) added to the scaled scores
-  (one FMA with the scale), under a ``HAS_KPAD`` constant so calls without a mask compile the code they had.
+  (one FMA with the scale), under a ``HAS_KPAD`` constant so calls without a mask compile the code they had;
+* token-level groups (VMoBA's chunk gating: ``key_groups`` (N,) and the queries' bit words ``query_groups``) mask
+  each key tile per query row (the rows' one or two int64 bit words, selected per key), under ``HAS_GROUPS``.
 """
 
 from __future__ import annotations
@@ -155,9 +157,37 @@ def _key_bias(kp_base, start_n, N, TILE_N: tl.constexpr):
 
 
 @triton.jit
+def _group_mask(qk, kg_base, qg_base, offs_m, start_n, N, sqg_n, TILE_N: tl.constexpr, GROUP_WORDS: tl.constexpr):
+    """``qk`` with -inf where a query row does not see a key's group: key ``j`` of group ``g >= 0`` is seen by row
+    ``i`` when bit ``g % 64`` of the row's int64 word ``g // 64`` is set; group -1 (and rows past N) is seen.
+
+    Up to 128 groups (one or two words, e.g. VMoBA's 72 chunks at 480p) the row's words are loaded once and
+    selected per key; more groups take a (row, key) gather, which spills registers at 128 x 128 tiles."""
+    offs_n = start_n + tl.arange(0, TILE_N)
+    kg = tl.load(kg_base + offs_n, mask=offs_n < N, other=-1)
+    rows = qg_base + offs_m.to(tl.int64) * sqg_n
+    row_ok = offs_m < N
+    half = ((kg >> 5) & 1)[None, :] != 0  # which 32-bit half of its word a key's bit is in
+    if GROUP_WORDS > 0:  # one or two words (0: the gather); bits tested on 32-bit halves (int64 tiles: 2x registers)
+        w0 = tl.load(rows, mask=row_ok, other=-1)
+        words = tl.where(half, (w0 >> 32).to(tl.int32)[:, None], w0.to(tl.int32)[:, None])
+        if GROUP_WORDS == 2:
+            w1 = tl.load(rows + 1, mask=row_ok, other=-1)
+            upper = tl.where(half, (w1 >> 32).to(tl.int32)[:, None], w1.to(tl.int32)[:, None])
+            words = tl.where((kg >= 64)[None, :], upper, words)
+    else:
+        ptrs = rows[:, None] + (tl.maximum(kg, 0) >> 6)[None, :]
+        wide = tl.load(ptrs, mask=row_ok[:, None] & (kg >= 0)[None, :], other=-1)
+        words = tl.where(half, (wide >> 32).to(tl.int32), wide.to(tl.int32))
+    seen = ((words >> (kg & 31)[None, :]) & 1) != 0
+    return tl.where(seen | (kg < 0)[None, :], qk, float("-inf"))
+
+
+@triton.jit
 def _safe_max(m_new, HAS_KPAD: tl.constexpr):
     """The softmax reference for a tile: the running max, or 0 while a row has seen only masked keys (so that
-    exp2(-inf - -inf) never makes a NaN). Without key padding every visited tile holds a real key per row."""
+    exp2(-inf - -inf) never makes a NaN). Without key padding (or groups) every visited tile holds a real key per
+    row."""
     if HAS_KPAD:
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
@@ -185,10 +215,11 @@ def _feature_map(x, valid_cols, PHI: tl.constexpr):
 
 @triton.jit
 def _online_tile(
-    q, k_base, v_base, k_desc, v_desc, kp_base, kb, sub, m_i, l_i, acc, off_b, off_h, N, stride_kn, stride_vn, D, DV,
-    qk_scale, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-    USE_TMA: tl.constexpr, MASK_N: tl.constexpr, MASKED_LOADS: tl.constexpr, FP32: tl.constexpr,
-    HAS_KPAD: tl.constexpr,
+    q, k_base, v_base, k_desc, v_desc, kp_base, kg_base, qg_base, offs_m, sqg_n, kb, sub, m_i, l_i, acc, off_b,
+    off_h, N, stride_kn, stride_vn, D, DV, qk_scale, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, USE_TMA: tl.constexpr, MASK_N: tl.constexpr,
+    MASKED_LOADS: tl.constexpr, FP32: tl.constexpr, HAS_KPAD: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    GROUP_WORDS: tl.constexpr,
 ):  # fmt: skip
     """One key tile of the online softmax: (m, l, acc) updated in log2 units."""
     start_n = kb * BLOCK_N + sub * TILE_N
@@ -196,8 +227,10 @@ def _online_tile(
     qk = _scores(q, k, start_n, N, qk_scale, TILE_N, MASK_N, FP32)
     if HAS_KPAD:
         qk = qk + _key_bias(kp_base, start_n, N, TILE_N)[None, :]
+    if HAS_GROUPS:
+        qk = _group_mask(qk, kg_base, qg_base, offs_m, start_n, N, sqg_n, TILE_N, GROUP_WORDS)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_ref = _safe_max(m_new, HAS_KPAD)
+    m_ref = _safe_max(m_new, HAS_KPAD or HAS_GROUPS)
     alpha = tl.math.exp2(m_i - m_ref)
     p = tl.math.exp2(qk - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -214,6 +247,10 @@ def _attend_lut(
     k_desc,
     v_desc,
     kp_base,
+    kg_base,
+    qg_base,
+    offs_m,
+    sqg_n,
     lut_row,
     count,
     off_b,
@@ -236,6 +273,8 @@ def _attend_lut(
     PAD_D: tl.constexpr,
     FP32: tl.constexpr,
     HAS_KPAD: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    GROUP_WORDS: tl.constexpr,
 ):
     """Online softmax over the ``count`` key blocks listed in ``lut_row``, each in BLOCK_N / TILE_N key tiles;
     returns (m, l, acc) in log2 units. (A 64-key tile keeps a 128 x 128 head-dim-128 program out of spills.)
@@ -257,15 +296,17 @@ def _attend_lut(
     for t in range(0, n_plain):  # one flat loop over key tiles: one body for the software pipeliner
         kb = tl.minimum(tl.maximum(tl.load(lut_row + t // SUBS), 0), hi)
         m_i, l_i, acc = _online_tile(
-            q, k_base, v_base, k_desc, v_desc, kp_base, kb, t % SUBS, m_i, l_i, acc, off_b, off_h, N, stride_kn,
-            stride_vn, D, DV, qk_scale, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, False, PAD_D, FP32, HAS_KPAD,
+            q, k_base, v_base, k_desc, v_desc, kp_base, kg_base, qg_base, offs_m, sqg_n, kb, t % SUBS, m_i, l_i, acc,
+            off_b, off_h, N, stride_kn, stride_vn, D, DV, qk_scale, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, False,
+            PAD_D, FP32, HAS_KPAD, HAS_GROUPS, GROUP_WORDS,
         )  # fmt: skip
     if MASK_N:
         for t in range(n_plain, n_tiles):
             kb = tl.minimum(tl.maximum(tl.load(lut_row + t // SUBS), 0), n_kb - 1)
             m_i, l_i, acc = _online_tile(
-                q, k_base, v_base, k_desc, v_desc, kp_base, kb, t % SUBS, m_i, l_i, acc, off_b, off_h, N, stride_kn,
-                stride_vn, D, DV, qk_scale, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, True, MASK_KV, FP32, HAS_KPAD,
+                q, k_base, v_base, k_desc, v_desc, kp_base, kg_base, qg_base, offs_m, sqg_n, kb, t % SUBS, m_i, l_i,
+                acc, off_b, off_h, N, stride_kn, stride_vn, D, DV, qk_scale, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA,
+                True, MASK_KV, FP32, HAS_KPAD, HAS_GROUPS, GROUP_WORDS,
             )  # fmt: skip
     return m_i, l_i, acc
 
@@ -302,6 +343,8 @@ def _bsa_fwd(
     LUT,
     CNT,
     KPAD,
+    KGRP,
+    QGRP,
     k_desc,
     v_desc,
     sqb,
@@ -324,6 +367,9 @@ def _bsa_fwd(
     smb,
     smh,
     smq,
+    sgb,
+    sgh,
+    sgn,
     H,
     N,
     n_kb,
@@ -345,19 +391,23 @@ def _bsa_fwd(
     WRITE_MASS: tl.constexpr,
     MASS_ATOMIC: tl.constexpr,
     HAS_KPAD: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    GROUP_WORDS: tl.constexpr,
 ):
     pid_bh, off_b, off_h, start_m, qb, offs_m = _query_tile(H, BLOCK_M, LUT_BLOCK_M)
     q_base = Q + off_b * sqb + off_h * sqh
     k_base = K + off_b * skb + off_h * skh
     v_base = V + off_b * svb + off_h * svh
     kp_base = KPAD + off_b * N
+    qg_base = QGRP + off_b * sgb + off_h * sgh
     lut_row = LUT + off_b * slb + off_h * slh + qb * slq
     count = tl.load(CNT + off_b * scb + off_h * sch + qb)
 
     q = _load_rows(q_base, q_base, off_b, off_h, start_m, N, sqn, D, BLOCK_M, HEAD_D, False, True)
     m_i, l_i, acc = _attend_lut(
-        q, k_base, v_base, k_desc, v_desc, kp_base, lut_row, count, off_b, off_h, N, n_kb, skn, svn, D, DV,
-        qk_scale, BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D, FP32, HAS_KPAD,
+        q, k_base, v_base, k_desc, v_desc, kp_base, KGRP, qg_base, offs_m, sgn, lut_row, count, off_b, off_h, N,
+        n_kb, skn, svn, D, DV, qk_scale, BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D,
+        FP32, HAS_KPAD, HAS_GROUPS, GROUP_WORDS,
     )  # fmt: skip
     _store_out_lse(
         O, LSE, O + off_b * sob + off_h * soh, LSE + pid_bh.to(tl.int64) * N, acc, m_i, l_i, offs_m, N, son, DV,
@@ -380,6 +430,8 @@ def _bsa_fwd(
                 qk = _scores(q, k, start_n, N, qk_scale, TILE_N, MASK_N, FP32)
                 if HAS_KPAD:
                     qk = qk + _key_bias(kp_base, start_n, N, TILE_N)[None, :]
+                if HAS_GROUPS:
+                    qk = _group_mask(qk, KGRP, qg_base, offs_m, start_n, N, sgn, TILE_N, GROUP_WORDS)
                 p = tl.math.exp2(qk - m_safe[:, None]) * weight[:, None]
                 blk += tl.sum(tl.sum(p, 1), 0)
             blk = blk / rows_real
@@ -648,8 +700,9 @@ def _sla_fwd(
 
     q = _load_rows(q_base, q_base, off_b, off_h, start_m, N, sqn, D, BLOCK_M, HEAD_D, False, True)
     m_i, l_i, acc = _attend_lut(
-        q, k_base, v_base, k_desc, v_desc, KPAD + off_b * N, lut_row, count, off_b, off_h, N, n_kb, skn, svn, D, DV,
-        qk_scale, BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D, FP32, HAS_KPAD,
+        q, k_base, v_base, k_desc, v_desc, KPAD + off_b * N, KPAD, KPAD, offs_m, 0, lut_row, count, off_b, off_h, N,
+        n_kb, skn, svn, D, DV, qk_scale, BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D,
+        FP32, HAS_KPAD, False, 1,
     )  # fmt: skip
     _store_out_lse(
         O, LSE, O + off_b * sob + off_h * soh, LSE + pid_bh.to(tl.int64) * N, acc, m_i, l_i, offs_m, N, son, DV,
@@ -1038,11 +1091,24 @@ class _Prepared:
         block_n: int,
         scale: float | None,
         key_padding: torch.Tensor | None = None,
+        key_groups: torch.Tensor | None = None,
+        query_groups: torch.Tensor | None = None,
     ):
         _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)
         bias = _key_bias_tensor(key_padding, q.shape[0], q.shape[2], q.device)
         self.has_kpad = bias is not None
         self.kpad = bias if bias is not None else torch.zeros(1, dtype=torch.float32, device=q.device)
+        key_groups, query_groups = reference.check_groups(
+            key_groups, query_groups, q.shape[0], q.shape[1], q.shape[2], q.device
+        )
+        self.has_groups = key_groups is not None
+        if key_groups is not None and query_groups is not None:
+            self.kgrp = key_groups.contiguous()
+            self.qgrp = _last_contig(query_groups)
+        else:
+            self.kgrp = torch.zeros(1, dtype=torch.int32, device=q.device)
+            self.qgrp = torch.zeros(1, 1, 1, 1, dtype=torch.int64, device=q.device)
+        self.group_words = self.qgrp.shape[-1] if self.qgrp.shape[-1] <= 2 else 0  # 0: the gather path
         self.q, self.k, self.v = _last_contig(q), _last_contig(k), _last_contig(v)
         self.b, self.h, self.n, self.d = q.shape
         self.dv = v.shape[-1]
@@ -1068,9 +1134,10 @@ class _Prepared:
         value (no device read), and top-k LUTs are exactly as wide as their rows."""
         bucket = max(0, round(math.log2(self.n_kb / max(1, self.lut.shape[-1])))) if by_sparsity else 0
         kpad = ("kpad",) if self.has_kpad else ()  # another compiled variant; unmasked keys stay as they were
+        groups = (f"groups{self.group_words}",) if self.has_groups else ()
         return (
             self.b, self.h, self.n, self.d, self.dv, str(self.q.dtype), self.block_m, self.block_n, *extra, *kpad,
-            f"w{bucket}",
+            *groups, f"w{bucket}",
         )  # fmt: skip
 
     def descriptors(self, cfg: _Config):
@@ -1112,9 +1179,11 @@ def block_sparse_attention(
     return_lse: bool = True,
     return_mass: bool = False,
     key_padding: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
 ):
     """Triton block-sparse attention; same contract as :func:`reference.block_sparse_attention`."""
-    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale, key_padding)
+    p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale, key_padding, key_groups, query_groups)
     out = torch.empty(p.b, p.h, p.n, p.dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.b, p.h, p.n, device=q.device, dtype=torch.float32)
     width = kv_indices.shape[-1] if return_mass else 0
@@ -1127,9 +1196,10 @@ def block_sparse_attention(
         if atomic:
             mass.zero_()
         _bsa_fwd[p.grid(cfg)](
-            p.q, p.k, p.v, out, lse, mass_arg, p.lut, p.cnt, p.kpad, k_desc, v_desc, *p.strides(out),
-            *(mass.stride()[:3] if width > 0 else (0, 0, 0)), p.h, p.n, p.n_kb, p.d, p.dv,
-            p.scale * _LOG2E, WRITE_LSE=return_lse, WRITE_MASS=width > 0, MASS_ATOMIC=atomic, **p.consts(cfg),
+            p.q, p.k, p.v, out, lse, mass_arg, p.lut, p.cnt, p.kpad, p.kgrp, p.qgrp, k_desc, v_desc, *p.strides(out),
+            *(mass.stride()[:3] if width > 0 else (0, 0, 0)), *p.qgrp.stride()[:3], p.h, p.n, p.n_kb, p.d, p.dv,
+            p.scale * _LOG2E, WRITE_LSE=return_lse, WRITE_MASS=width > 0, MASS_ATOMIC=atomic,
+            HAS_GROUPS=p.has_groups, GROUP_WORDS=p.group_words, **p.consts(cfg),
         )  # fmt: skip
 
     cands = _candidates("bsa", block_m, block_n, p.head_d, p.fp32, p.tma_ok)
@@ -1152,23 +1222,33 @@ def block_sparse_attention_pair(
     block_n: int,
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
+    query_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(o_sparse, lse_sparse, o_full, lse_full)``: cuDNN's dense pass (with its LSE, checked once, see
     :mod:`.dense_lse`) plus the block-sparse kernel where cuDNN serves; else one pass of the pair kernel over all
     key blocks. With ``key_padding`` the pair kernel always answers (the cuDNN path is checked without a mask).
+    With groups (token-level gating, see :func:`block_sparse_attention`) the sparse half always comes from the
+    block-sparse kernel, the full half from cuDNN or the pair kernel's full pass.
 
     The pair kernel's sparse softmax uses the full row max as its reference, so it is exact unless the selected
     blocks' best score lies more than about 87 nats below the row's overall best (then the sparse sums underflow).
     """
     _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)  # before cuDNN: a bad call must not switch it off
     reference.check_key_padding(key_padding, q.shape[0], q.shape[2], q.device)
+    groups = reference.check_groups(key_groups, query_groups, q.shape[0], q.shape[1], q.shape[2], q.device)
     dense = None
     if key_padding is None and q.dtype in (torch.float16, torch.bfloat16):
         dense = dense_lse.dense_with_lse(q, k, v, scale)
-    if dense is not None:
+    if dense is not None or groups[0] is not None:
         o_sparse, lse_sparse = block_sparse_attention(
-            q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale
-        )
+            q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding,
+            key_groups=key_groups, query_groups=query_groups,
+        )  # fmt: skip
+        if dense is None:  # the pair kernel's full half (its sparse half ignores the groups)
+            dense = block_sparse_attention_pair(
+                q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding
+            )[2:]
         return o_sparse, lse_sparse, dense[0], dense[1]
     p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale, key_padding)
     o_s = torch.empty(p.b, p.h, p.n, p.dv, device=q.device, dtype=q.dtype)

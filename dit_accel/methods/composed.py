@@ -15,6 +15,7 @@ from .. import kernels
 from ..compensation import SLAProjections, combine_linear, reshape_output, reshape_statistics
 from ..config import AccelConfig
 from ..patterns import GEOMETRIC_PATTERNS, Plan, build_pattern, plan_for
+from ..patterns.vmoba import vmoba_keep
 from ..schedule import lse_drift, needs_statistics, plan_call
 from ..site_state import BlockPattern, Statistics
 from .base import Method, SiteCall, SparseResult
@@ -40,10 +41,22 @@ class ComposedMethod(Method):
 
     # -- schedule hooks -------------------------------------------------------------------------------------
     def dense_reason(self, call: SiteCall) -> str | None:
-        if self.config.pattern.kind in GEOMETRIC_PATTERNS and (
+        cfg = self.config
+        if cfg.pattern.kind in GEOMETRIC_PATTERNS and (
             call.layout is None or call.layout.total_tokens != call.q.shape[2]
         ):
             return "no_layout"
+        if cfg.pattern.kind == "vmoba" and cfg.vmoba_gate == "token":
+            # the official code runs dense when no query chooses a chunk besides its own: always so with one
+            # chunk or a top-1 (the rarer data-dependent case selects every chunk on the device instead)
+            plan = self.plan(call)
+            groups = plan.groups
+            if groups is not None and (
+                groups.n_groups == 1
+                or cfg.vmoba_select == "topk"
+                and vmoba_keep(cfg.vmoba_topk, cfg.sparsity, plan.partition, groups.n_groups) == 1
+            ):
+                return "vmoba_local"
         return None
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -91,6 +104,8 @@ class ComposedMethod(Method):
             static=pattern.static,
             negligible=pattern.negligible,
             outside=~mask if cfg.compensation.kind == "linear" and cfg.linear_weight == "mass" else None,
+            key_groups=pattern.key_groups,
+            query_groups=pattern.query_groups,
         )
         call.cache.pattern = built
         return built
@@ -160,8 +175,9 @@ class ComposedMethod(Method):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=call.scale)
         idx, counts = self._lut(pattern, b, h)
         o_s, lse_s, o_f, lse_f = kernels.block_sparse_attention_pair(
-            q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, key_padding=kp
-        )
+            q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, key_padding=kp,
+            key_groups=pattern.key_groups, query_groups=pattern.query_groups,
+        )  # fmt: skip
         rho, residual = reshape_statistics(o_s, lse_s, o_f, lse_f)
         old = branch.statistics
         stats = Statistics(pattern=pattern, shape=(q.shape[2], b, h), step=step)
@@ -223,7 +239,7 @@ class ComposedMethod(Method):
         else:
             out, lse = kernels.block_sparse_attention(
                 q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, return_lse=True,
-                key_padding=kp,
+                key_padding=kp, key_groups=pattern.key_groups, query_groups=pattern.query_groups,
             )  # fmt: skip
             if cfg.compensation.kind == "reshape":
                 assert stats is not None and stats.rho is not None and stats.residual is not None

@@ -19,7 +19,16 @@ from ..layout import TokenLayout
 from .common import drop_padded_blocks, drop_padded_blocks_lut, forced_blocks, self_blocks
 from .geometry import GroupGeometry, auto_tile, block_group_overlap, coarsen, group_geometry, window_extents
 from .scored import head_threshold_mask, keep_count, negligible_mask, pooled_scores
-from .vmoba import chunk_means, partition_of, vmoba_chunk_shape, vmoba_threshold, vmoba_topk
+from .vmoba import (
+    chunk_means,
+    partition_of,
+    token_threshold,
+    token_topk,
+    vmoba_geometry,
+    vmoba_keep,
+    vmoba_threshold,
+    vmoba_topk,
+)
 from .window import raster_block_mask, window_group_mask
 
 __all__ = [
@@ -50,6 +59,9 @@ class Plan:
         partition: VMoBA partition (0, 1, 2) of this site, else -1.
         has_video_rows: whether any query block holds no text (computed once per plan, so no per-call sync).
         max_forced: the most forced key blocks in one query row (read once here, like has_video_rows).
+        video_index: VMoBA: (S,) long kernel-order positions of the video tokens (the gated queries), else None.
+        key_groups: VMoBA: int32 (N,) the chunk of each key in kernel order for the kernels' token gating, -1 at
+            keys every query sees (text, sink blocks), else None.
     """
 
     n: int
@@ -61,6 +73,8 @@ class Plan:
     partition: int = -1
     has_video_rows: bool = True  # some query block holds no text (read once here, not per call)
     max_forced: int = 0
+    video_index: torch.Tensor | None = None
+    key_groups: torch.Tensor | None = None
 
 
 @dataclass
@@ -71,6 +85,8 @@ class Pattern:
     negligible: torch.Tensor | None = None  # bool like mask, SLA's skipped blocks
     static: bool = False  # depends on geometry only: valid for the whole generation
     max_count: int | None = None  # an upper bound on the blocks of any row, known on the host (top-k), else None
+    key_groups: torch.Tensor | None = None  # token-gated VMoBA: int32 (N,) chunk of each key (-1: seen by all)
+    query_groups: torch.Tensor | None = None  # token-gated VMoBA: int64 (B, H, N, words) chunks each query sees
 
 
 def _tile_for(config: AccelConfig, layout: TokenLayout) -> tuple[int, int, int]:
@@ -87,8 +103,8 @@ def plan_for(config: AccelConfig, layout: TokenLayout | None, n: int, site_index
     partition = -1
     if geo_layout is not None and pattern == "vmoba":
         partition = partition_of(site_index)
-        shape = vmoba_chunk_shape(geo_layout.grid, partition, config.vmoba_chunks[partition])
-        groups = group_geometry(geo_layout, shape, device)
+        sizes = config.vmoba_chunk_size[partition] if config.vmoba_chunk_size is not None else None
+        groups = vmoba_geometry(geo_layout, partition, config.vmoba_chunks[partition], sizes, device)
     elif geo_layout is not None and (pattern in ("window", "inward") or (config.tiled and pattern != "raster")):
         groups = group_geometry(geo_layout, _tile_for(config, geo_layout), device)
     # forced blocks: the text tokens stay in place under every permutation, so the native layout holds
@@ -101,7 +117,16 @@ def plan_for(config: AccelConfig, layout: TokenLayout | None, n: int, site_index
     if groups is not None and perm is None:
         groups = GroupGeometry(None, None, groups.group_of, groups.n_groups, groups.group_coords, groups.group_grid)
     max_forced = int(forced.sum(-1).max()) if forced.numel() else 0
-    return Plan(n, perm, inv, groups, forced, dense_rows, partition, bool((~dense_rows).any()), max_forced)
+    video_index = key_groups = None
+    if groups is not None and pattern == "vmoba" and geo_layout is not None:
+        start = geo_layout.video_start  # text stays in place: the video tokens keep their range
+        video_index = torch.arange(start, start + geo_layout.video_tokens, device=device)
+        key_groups = groups.group_of.to(torch.int32)
+        key_groups[: config.sink_blocks * config.block_n] = -1  # sink keys: seen by every query, like text
+    return Plan(
+        n, perm, inv, groups, forced, dense_rows, partition, bool((~dense_rows).any()), max_forced, video_index,
+        key_groups,
+    )  # fmt: skip
 
 
 def build_pattern(
@@ -156,9 +181,13 @@ def build_pattern(
         gm = window_group_mask(groups.group_coords, groups.group_grid, extents, inward=pattern == "inward")
         mask = coarsen(gm, q_over, k_over) | forced
         return Pattern(drop_padded_blocks(mask[None, None], key_padding, bn), static=True)
-    # vmoba
+    if config.vmoba_gate == "token":
+        return _vmoba_token_pattern(config, plan, q, k, q_over, k_over, key_padding)
+    # vmoba, gated per query block
     pq = kernels.mean_pool(q, config.block_m)  # (B, H, n_q, D): the gate of a block is the mean of its queries'
-    gate = torch.matmul(pq, chunk_means(k, groups.group_of, groups.n_groups, key_padding).transpose(-1, -2))
+    gate = torch.matmul(
+        pq, chunk_means(k, groups.group_of, groups.n_groups, key_padding).to(pq.dtype).transpose(-1, -2)
+    )
     self_chunks = q_over[None, None].expand_as(gate)
     if config.vmoba_select == "topk":
         if config.vmoba_topk is not None:
@@ -170,3 +199,40 @@ def build_pattern(
         chunks = vmoba_threshold(gate, self_chunks, config.tau)
     mask = (chunks.float() @ k_over.float().T) > 0
     return Pattern(drop_padded_blocks(mask | forced, key_padding, bn))
+
+
+def _vmoba_token_pattern(
+    config: AccelConfig,
+    plan: Plan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_over: torch.Tensor,
+    k_over: torch.Tensor,
+    key_padding: torch.Tensor | None,
+) -> Pattern:
+    """The official VMoBA selection, per query token (see :mod:`.vmoba`): the chunks each video token chooses,
+    as the kernels' bit words, and the key blocks the chosen chunks of a query block touch."""
+    groups, video = plan.groups, plan.video_index
+    assert groups is not None and video is not None and plan.key_groups is not None
+    b, h, n, _ = q.shape
+    n_c = groups.n_groups
+    means, counts = chunk_means(k, groups.group_of, n_c, key_padding, with_counts=True)
+    valid = counts > 0  # (B or 1, C): a chunk with no kept key is never chosen (the official batch-boundary rule)
+    own_chunk = groups.group_of.index_select(0, video)
+    own = torch.nn.functional.one_hot(own_chunk, n_c).bool()  # (S, C)
+    gate = torch.matmul(q.index_select(2, video).to(means.dtype), means.transpose(-1, -2))  # (B, H, S, C), no scale
+    if config.vmoba_select == "topk":
+        chosen = token_topk(gate, own, valid, vmoba_keep(config.vmoba_topk, config.sparsity, plan.partition, n_c))
+    else:
+        chosen = token_threshold(gate, own, valid, config.tau, config.vmoba_scope)
+    # the official code runs dense when no query chose a chunk besides its own (per sample here): all chunks on
+    # the device, no sync (the one-chunk and top-1 cases are caught before, as the dense reason "vmoba_local")
+    alone = ~(chosen & ~own).flatten(1).any(-1)  # (B,)
+    chosen = chosen | alone[:, None, None, None]
+    select = torch.ones(b, h, n, n_c, dtype=torch.bool, device=q.device)  # text rows see every chunk
+    select = select.index_copy(2, video, chosen)
+    n_q = q_over.shape[0]
+    rows = torch.nn.functional.pad(select, (0, 0, 0, n_q * config.block_m - n)).view(b, h, n_q, config.block_m, n_c)
+    mask = (rows.any(3).float() @ k_over.float().T) > 0  # key blocks touched by a chunk one of the block's tokens chose
+    mask = drop_padded_blocks(mask | plan.forced, key_padding, config.block_n)
+    return Pattern(mask, key_groups=plan.key_groups, query_groups=kernels.pack_groups(select))

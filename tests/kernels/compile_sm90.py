@@ -23,7 +23,8 @@ from dit_accel.kernels import triton_block_sparse as tbs
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"Q", "K", "V", "O", "OS", "OF", "OL", "X", "OUT", "PHIK"}
 F32_POINTERS = {"LSE", "MASS", "LSES", "LSEF", "S", "Z", "STOT", "ZTOT", "KPAD"}
-I32_POINTERS = {"LUT", "CNT", "NLUT", "NCNT", "MLUT", "MCNT", "IDX"}
+I32_POINTERS = {"LUT", "CNT", "NLUT", "NCNT", "MLUT", "MCNT", "IDX", "KGRP"}
+I64_POINTERS = {"QGRP"}
 
 
 def _signature(fn, dtype: str, consts: dict, desc: str | None) -> dict:
@@ -37,6 +38,8 @@ def _signature(fn, dtype: str, consts: dict, desc: str | None) -> dict:
             sig[name] = "*fp32"
         elif name in I32_POINTERS:
             sig[name] = "*i32"
+        elif name in I64_POINTERS:
+            sig[name] = "*i64"
         elif name in ("k_desc", "v_desc"):
             sig[name] = desc or f"*{dtype}"
         elif name in ("qk_scale", "tau"):
@@ -70,6 +73,8 @@ def attention_variant(kind: str, dtype: str, head: int, block_m: int, block_n: i
         HEAD_DV=head, USE_TMA=cfg["tma"], MASK_N=True, MASK_KV=not cfg["tma"], PAD_D=False, FP32=dtype == "fp32",
         HAS_KPAD=False,
     )  # fmt: skip
+    if kind == "bsa":
+        consts.update(HAS_GROUPS=False, GROUP_WORDS=1)
     consts.update(extra)
     desc = f"tensordesc<{dtype}[1, 1, {cfg['tile_n']}, {head}]>" if cfg["tma"] else None
     return fn, _signature(fn, dtype, consts, desc), consts, cfg["num_warps"], cfg["num_stages"]
@@ -82,6 +87,9 @@ def variants():
         yield f"bsa-default-d{head}", attention_variant("bsa", "bf16", head, 128, 128, cfg, bsa_extra)
         kpad = dict(bsa_extra, HAS_KPAD=True)  # a key-padding mask (HunyuanVideo's padded prompt): still no spills
         yield f"bsa-default-kpad-d{head}", attention_variant("bsa", "bf16", head, 128, 128, cfg, kpad)
+        for words in (1, 2):  # VMoBA's token-level chunk gating, up to 64 and 128 chunks
+            groups = dict(bsa_extra, HAS_GROUPS=True, GROUP_WORDS=words)
+            yield f"bsa-default-groups{words}-d{head}", attention_variant("bsa", "bf16", head, 128, 128, cfg, groups)
         tma = dict(cfg, tma=True, num_stages=3)
         yield f"bsa-tma-d{head}", attention_variant("bsa", "bf16", head, 128, 128, tma, bsa_extra)
         cfg = tbs._default_config("pair", 128, 128, head, False)

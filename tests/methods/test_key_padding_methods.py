@@ -26,6 +26,7 @@ FULL = {
     "inward": dict(pattern="inward", sparsity=0.0),
     "raster": dict(pattern="raster", raster_fraction=1.0),
     "vmoba_topk": dict(pattern="vmoba", vmoba_topk=(99, 99, 99)),
+    "vmoba_token_topk": dict(pattern="vmoba", vmoba_gate="token", vmoba_topk=(99, 99, 99)),
 }
 
 
@@ -57,6 +58,10 @@ def test_full_coverage_with_key_padding_is_masked_sdpa(rng, name, compensation):
     q, k, v = qkv(rng, 3, 2, LAYOUT.total_tokens)
     kp = padding(LAYOUT.total_tokens)
     want = masked_sdpa(q, k, v, kp)
+    if compensation == "linear" and FULL[name].get("vmoba_gate") == "token":  # refused: see test_paper_vmoba
+        with pytest.raises(ValueError, match="vmoba_gate='token'"):
+            resolve_config("blocktopk", compensation=compensation, **FULL[name])
+        return
     for site in range(3) if name.startswith("vmoba") else (0,):
         refresh = 2 if compensation == "reshape" else 0
         call, result = attend(

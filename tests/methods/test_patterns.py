@@ -25,6 +25,7 @@ FULL = {
     "inward": dict(pattern="inward", sparsity=0.0),
     "raster": dict(pattern="raster", raster_fraction=1.0),
     "vmoba_topk": dict(pattern="vmoba", vmoba_topk=(99, 99, 99)),
+    "vmoba_token_topk": dict(pattern="vmoba", vmoba_gate="token", vmoba_topk=(99, 99, 99)),
     "vmoba_threshold": dict(pattern="vmoba", vmoba_select="threshold", tau=1.0),
 }
 LAYOUTS = {
@@ -40,6 +41,10 @@ LAYOUTS = {
 def test_full_coverage_is_exactly_dense(rng, name, layout_name, compensation):
     layout = LAYOUTS[layout_name]
     q, k, v = qkv(rng, 1, 2, layout.total_tokens)
+    if compensation == "linear" and FULL[name].get("vmoba_gate") == "token":  # refused: see test_paper_vmoba
+        with pytest.raises(ValueError, match="vmoba_gate='token'"):
+            resolve_config("blocktopk", compensation=compensation, **FULL[name])
+        return
     for site in range(3) if name.startswith("vmoba") else (0,):  # all three VMoBA partitions
         _, call, result = run_method(
             "blocktopk", q, k, v, layout=layout, site_index=site, compensation=compensation, refresh_every=2,

@@ -10,7 +10,7 @@ from dit_accel import kernels
 from dit_accel.config import resolve_config
 from dit_accel.layout import TokenLayout
 from dit_accel.patterns import plan_for
-from dit_accel.patterns.vmoba import partition_of, vmoba_chunk_shape, vmoba_threshold, vmoba_topk
+from dit_accel.patterns.vmoba import partition_of, vmoba_axis_chunks, vmoba_threshold, vmoba_topk
 
 
 @pytest.mark.parametrize(
@@ -35,23 +35,31 @@ def test_partitions_are_permutations_with_contiguous_chunks(rng, layout):
         assert torch.equal(group[layout.text_slice()], torch.full((layout.text_tokens,), -1))
         video = group[group >= 0]
         assert bool((video[1:] >= video[:-1]).all())  # each chunk is one contiguous run
-        # the chunk of each token matches its coordinates under the partition's chunk shape
-        shape = vmoba_chunk_shape(layout.grid, partition_of(site), cfg.vmoba_chunks[partition_of(site)])
+        # the chunk of each token matches its coordinates: chunk x * c // e along an axis of extent e split c ways
+        partition = partition_of(site)
         f, h, w = layout.grid
         native = perm[group >= 0] - layout.video_start
-        coords = torch.stack([native // (h * w), native // w % h, native % w], -1)
-        tile = coords // torch.tensor(shape)
-        nt = [-(-g // s) for g, s in zip(layout.grid, shape)]
-        want = (tile[:, 0] * nt[1] + tile[:, 1]) * nt[2] + tile[:, 2]
+        coords = [native // (h * w), native // w % h, native % w]
+        axes = vmoba_axis_chunks(layout.grid, partition, cfg.vmoba_chunks[partition])
+        nt = [int(a[-1]) + 1 for a in axes]
+        counts = dict(zip({0: (0,), 1: (1, 2), 2: (0, 1, 2)}[partition], cfg.vmoba_chunks[partition]))
+        assert nt == [min(counts.get(i, 1), g) for i, g in enumerate(layout.grid)]  # exactly the counts asked
+        for i, c in enumerate(coords):
+            assert torch.equal(axes[i][c], c * nt[i] // layout.grid[i])
+        want = (axes[0][coords[0]] * nt[1] + axes[1][coords[1]]) * nt[2] + axes[2][coords[2]]
         assert torch.equal(video, want)
 
 
-def test_paper_chunk_shapes_at_480p():
-    grid = (21, 30, 52)
-    counts = ((7,), (6, 4), (3, 6, 4))
-    assert vmoba_chunk_shape(grid, 0, counts[0]) == (3, 30, 52)
-    assert vmoba_chunk_shape(grid, 1, counts[1]) == (21, 5, 13)
-    assert vmoba_chunk_shape(grid, 2, counts[2]) == (7, 5, 13)
+def test_chunk_counts_are_honoured():
+    """(7,) on 8 frames is 7 chunks (one of 2 frames, six of 1), not ceil-sized chunks of 2 (4 chunks); on Wan2.1
+    480p's 21 x 30 x 52 the counts give the paper's chunk sizes 3 | 5 x 13 | 7 x 5 x 13."""
+    frames = vmoba_axis_chunks((8, 4, 4), 0, (7,))[0]
+    assert torch.bincount(frames).tolist() == [2, 1, 1, 1, 1, 1, 1]
+    grid, counts = (21, 30, 52), ((7,), (6, 4), (3, 6, 4))
+    sizes = {0: [(3,), (30,), (52,)], 1: [(21,), (5,), (13,)], 2: [(7,), (5,), (13,)]}
+    for partition in range(3):
+        axes = vmoba_axis_chunks(grid, partition, counts[partition])
+        assert [tuple(set(torch.bincount(a).tolist())) for a in axes] == sizes[partition]
 
 
 def test_global_threshold_selects_the_smallest_prefix_reaching_tau(rng):
