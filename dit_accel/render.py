@@ -73,6 +73,8 @@ class RenderRequest:
     base_height: int | None = None
     base_width: int | None = None
     freeswim: dict[str, Any] = field(default_factory=dict)  # FreeSwim options, e.g. strength, cache_every
+    #: also render without acceleration (same seed), to report the measured speed-up and PSNR against dense
+    compare_dense: bool = False
 
 
 def _check_int(flag: str, value: Any, low: int = 1) -> None:
@@ -566,16 +568,41 @@ def render(request: RenderRequest) -> dict[str, Any]:
     path = write_video(frames_of(output), out, request.fps)
     density = effective_density(stats["overall"])
     share = counters[0].share() if counters else 0.0
+    measured = _time_dense(pipe, kwargs, request.seed, frames_of(output), seconds) if request.compare_dense else {}
     return {
         "out": str(path),
         "frames": int(frames_of(output).shape[0]),
         "seconds": seconds,
+        "device": str(_device_of(pipe)),
+        **measured,
         "method": stats["method"],
         "attention_flop_share": share,
         "effective_density": density,
         "estimated_speedup": estimate_speedup(share, density),
         "stats": stats,
         **({"freeswim": pipe.last_stats} if getattr(pipe, "last_stats", None) else {}),
+    }
+
+
+def _device_of(pipe: Any) -> torch.device:
+    device = getattr(pipe, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
+
+
+def _time_dense(pipe: Any, kwargs: dict[str, Any], seed: int, frames: np.ndarray, seconds: float) -> dict[str, Any]:
+    """The same render without acceleration (same seed), timed: the measured speed-up on this device and the
+    accelerated frames' PSNR against dense."""
+    from .eval.metrics import psnr
+
+    _sync()
+    start = time.perf_counter()
+    dense = pipe(**kwargs, generator=torch.Generator().manual_seed(seed))
+    _sync()
+    dense_seconds = time.perf_counter() - start
+    return {
+        "dense_seconds": dense_seconds,
+        "measured_speedup": dense_seconds / seconds if seconds > 0 else None,
+        "psnr_vs_dense": psnr(frames, frames_of(dense)),
     }
 
 

@@ -52,11 +52,26 @@ def test_render_writes_mp4_with_requested_frames(tmp_path):
         app, ["render", *SMALL, "--sparsity", "0.5", "--option", "min_tokens=0", "--no-progress", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
-    assert "wrote" in result.output and "speed-up estimate" in result.output and "an estimate" in result.output
+    assert "wrote" in result.output and "FLOP estimate (not a measurement" in result.output
+    assert "--compare-dense measures it" in result.output and "measured on" not in result.output
     assert "sparse" in result.output
     reader = imageio.get_reader(out)
     frames = [frame for frame in reader]
     assert len(frames) == 5 and frames[0].shape == (128, 128, 3)
+
+
+def test_compare_dense_prints_the_measured_speedup(tmp_path):
+    out = tmp_path / "clip.gif"
+    args = ["render", *SMALL, "--method", "blocktopk", "--sparsity", "0.5", "--option", "min_tokens=0"]
+    args += ["--no-progress", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--compare-dense", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["device"] == "cpu" and summary["dense_seconds"] > 0
+    assert summary["measured_speedup"] == pytest.approx(summary["dense_seconds"] / summary["seconds"])
+    assert 0 < summary["psnr_vs_dense"] < 100  # half the blocks skipped: close to dense, not identical
+    text = runner.invoke(app, [*args, "--compare-dense"]).output
+    assert "measured on cpu: dense" in text and "PSNR against dense" in text
 
 
 def test_write_video_gif_and_png_frames(tmp_path):

@@ -1,8 +1,9 @@
 """Attention kernels behind one dispatching API.
 
-On CUDA the public functions run the Triton kernels when they are available; everywhere else the exact
-PyTorch references in :mod:`dit_accel.kernels.reference`. ``DIT_ACCEL_KERNELS=triton`` or ``=reference``
-forces one (with ``TRITON_INTERPRET=1`` the Triton kernels run on the CPU, for tests).
+On CUDA the public functions run the Triton kernels when they are available; on the CPU the fused CPU path in
+:mod:`dit_accel.kernels.cpu` (PyTorch's CPU flash kernel, exact, falling back to the reference for what it does not
+cover); elsewhere the exact PyTorch references in :mod:`dit_accel.kernels.reference`. ``DIT_ACCEL_KERNELS=triton``,
+``=cpu`` or ``=reference`` forces one (with ``TRITON_INTERPRET=1`` the Triton kernels run on the CPU, for tests).
 
 The attention functions take an optional ``key_padding`` (bool (B, N), True = attend): SDPA's boolean
 key-padding mask, applied inside the kernels (:func:`key_padding_from_mask` reads it from an ``attn_mask``).
@@ -14,7 +15,7 @@ import os
 
 import torch
 
-from . import reference
+from . import cpu, reference
 from .masks import key_padding_from_mask
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
 def _triton_available() -> bool:
@@ -45,7 +46,7 @@ def _triton_available() -> bool:
 
 
 def backend_for(device: torch.device | str) -> str:
-    """Which implementation runs for tensors on ``device``: ``"triton"`` or ``"reference"``."""
+    """Which implementation runs for tensors on ``device``: ``"triton"``, ``"cpu"`` or ``"reference"``."""
     forced = os.environ.get("DIT_ACCEL_KERNELS", "auto").strip().lower() or "auto"
     if forced not in _BACKENDS:
         raise ValueError(f"DIT_ACCEL_KERNELS={forced!r} is not one of {', '.join(_BACKENDS)}")
@@ -56,6 +57,8 @@ def backend_for(device: torch.device | str) -> str:
             raise RuntimeError("DIT_ACCEL_KERNELS=triton but the Triton kernels cannot be imported")
         return "triton"
     device = torch.device(device)
+    if forced == "cpu" or (forced == "auto" and device.type == "cpu"):
+        return "cpu" if device.type == "cpu" else "reference"  # the fused CPU kernels take CPU tensors only
     if device.type == "cuda" and _triton_available():
         return "triton"
     return "reference"
@@ -239,11 +242,17 @@ def unpermute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def _impl(name: str, device: torch.device):
-    """The Triton or the reference function ``name`` for tensors on ``device``."""
-    if backend_for(device) == "triton":
+    """The Triton, fused-CPU or reference function ``name`` for tensors on ``device`` (the CPU module covers the
+    attention calls; everything else there is the reference's)."""
+    backend = backend_for(device)
+    if backend == "triton":
         from . import triton_block_sparse
 
         return getattr(triton_block_sparse, name)
+    if backend == "cpu":
+        from . import cpu
+
+        return getattr(cpu, name, None) or getattr(reference, name)
     return getattr(reference, name)
 
 
@@ -256,4 +265,5 @@ def dense_attention(
     key_padding: torch.Tensor | None = None,
 ):
     """Full attention with its LSE: ``(out, lse)``; used by methods that need statistics of a dense step."""
-    return reference.dense_attention(q, k, v, scale=scale, key_padding=key_padding)
+    impl = cpu.dense_attention if backend_for(q.device) == "cpu" else reference.dense_attention
+    return impl(q, k, v, scale=scale, key_padding=key_padding)
