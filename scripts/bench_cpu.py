@@ -51,9 +51,11 @@ def bench_calls(repeats: int, densities: tuple[float, ...]) -> list[tuple[str, f
         keep = max(1, round(density * 64))
         idx, counts = _lut(64, keep, gen)
         for name, mod in (("cpu", cpu), ("reference", reference)):
-            ms = _median_ms(
-                lambda m=mod: m.block_sparse_attention(q, k, v, idx, counts, block_m=64, block_n=64), repeats
-            )
+
+            def call(m=mod, i=idx, c=counts):
+                return m.block_sparse_attention(q, k, v, i, c, block_m=64, block_n=64)
+
+            ms = _median_ms(call, repeats)
             rows.append((f"block-sparse {keep}/64 blocks, {name}", ms))
     return rows
 
