@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.reference import apply_reshape
+
 __all__ = ["reshape_output", "reshape_statistics"]
 
 
@@ -33,8 +35,6 @@ def reshape_output(
     uses: int,
     clamp: bool,
 ) -> torch.Tensor:
-    """``rho_c * O_sparse + R`` with ``rho_c = rho + uses * ramp`` (``uses`` sparse steps since the refresh)."""
-    rho_c = rho.float() + ramp * uses
-    if clamp:
-        rho_c = rho_c.clamp(max=1.0)
-    return rho_c[..., None] * o_sparse.float() + residual.float()
+    """``rho_c * O_sparse + R`` with ``rho_c = rho + uses * ramp`` (``uses`` sparse steps since the refresh), in
+    float32; the kernels apply the same formula in their epilogue (``block_sparse_attention(rho=, residual=)``)."""
+    return apply_reshape(o_sparse, rho, residual, ramp * uses, clamp)

@@ -85,6 +85,10 @@ def block_sparse_attention(
     key_padding: torch.Tensor | None = None,
     key_groups: torch.Tensor | None = None,
     query_groups: torch.Tensor | None = None,
+    rho: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    rho_add: float = 0.0,
+    rho_clamp: bool = False,
 ):
     """Block-sparse attention over a per-(batch, head, query block) LUT of key blocks.
 
@@ -94,12 +98,15 @@ def block_sparse_attention(
     gets 0 and ``lse`` -inf (SDPA's answer for a fully masked row). ``key_groups`` (int32 (N,), -1 = every query
     sees the key) with ``query_groups`` (int64 bit words (B, H, N, ceil(G / 64)), :func:`pack_groups`) keep each
     query token to the keys of its own groups inside the listed blocks (VMoBA's token-level chunk gating).
+    ``rho`` (float (B, H, N)) with ``residual`` ((B, H, N, Dv)) returns Re-ttention's reshaped output
+    ``min(rho + rho_add, 1 if rho_clamp) * O + residual`` instead of O, fused into the Triton kernel's epilogue.
     See :mod:`dit_accel.kernels.reference` for the layout of ``kv_indices`` and ``kv_counts``.
     """
     _check_block(block_m, block_n)
     return _impl("block_sparse_attention", q.device)(
         q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
         return_mass=return_mass, key_padding=key_padding, key_groups=key_groups, query_groups=query_groups,
+        rho=rho, residual=residual, rho_add=rho_add, rho_clamp=rho_clamp,
     )  # fmt: skip
 
 

@@ -79,6 +79,10 @@ def block_sparse_attention(
     key_padding: torch.Tensor | None = None,
     key_groups: torch.Tensor | None = None,
     query_groups: torch.Tensor | None = None,
+    rho: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    rho_add: float = 0.0,
+    rho_clamp: bool = False,
 ):
     """Block-sparse attention (see :func:`dit_accel.kernels.reference.block_sparse_attention`): each query block
     attends to its gathered key blocks in one fused flash call over all query blocks."""
@@ -86,7 +90,14 @@ def block_sparse_attention(
         return reference.block_sparse_attention(
             q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
             return_mass=return_mass, key_padding=key_padding, key_groups=key_groups, query_groups=query_groups,
+            rho=rho, residual=residual, rho_add=rho_add, rho_clamp=rho_clamp,
         )  # fmt: skip
+    if reference.check_reshape(rho, residual, q.shape[0], q.shape[1], q.shape[2], v.shape[-1], q.device) is not None:
+        out, lse = block_sparse_attention(
+            q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding
+        )
+        out = reference.apply_reshape(out, rho, residual, rho_add, rho_clamp).to(q.dtype)
+        return (out, lse) if return_lse else out
     reference._check_block_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n)
     b, h, n, d = q.shape
     key_padding = reference.check_key_padding(key_padding, b, n, q.device)

@@ -134,6 +134,34 @@ def _group_allowed(query_words: torch.Tensor, key_group: torch.Tensor) -> torch.
     return (((words >> (g & 63)) & 1) != 0) | (key_group < 0)
 
 
+def check_reshape(
+    rho: torch.Tensor | None, residual: torch.Tensor | None, b: int, h: int, n: int, dv: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validate the optional reshape epilogue's inputs: both or neither, rho (B, H, N), residual (B, H, N, Dv)."""
+    if rho is None and residual is None:
+        return None
+    if rho is None or residual is None:
+        raise ValueError("rho and residual go together (the reshape epilogue needs both); got only one")
+    if tuple(rho.shape) != (b, h, n) or tuple(residual.shape) != (b, h, n, dv):
+        raise ValueError(
+            f"rho must be (B, H, N) = {(b, h, n)} and residual (B, H, N, Dv) = {(b, h, n, dv)}; got "
+            f"{tuple(rho.shape)} and {tuple(residual.shape)}"
+        )
+    if rho.device != device or residual.device != device:
+        raise ValueError(f"rho and residual must be on {device}; got {rho.device} and {residual.device}")
+    return rho, residual
+
+
+def apply_reshape(
+    out: torch.Tensor, rho: torch.Tensor, residual: torch.Tensor, rho_add: float, rho_clamp: bool
+) -> torch.Tensor:
+    """``min(rho + rho_add, 1 if clamped) * out + residual`` in float32: the epilogue's exact reference."""
+    rho_c = rho.float() + rho_add
+    if rho_clamp:
+        rho_c = rho_c.clamp(max=1.0)
+    return rho_c[..., None] * out.float() + residual.float()
+
+
 def _padded_keys(key_padding: torch.Tensor | None, n: int, block: int) -> torch.Tensor | None:
     """bool (B, n_blocks, block): key_padding padded with False past N, one row per key block (None stays None)."""
     if key_padding is None:
@@ -199,8 +227,16 @@ def block_sparse_attention(
     key_padding: torch.Tensor | None = None,
     key_groups: torch.Tensor | None = None,
     query_groups: torch.Tensor | None = None,
+    rho: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    rho_add: float = 0.0,
+    rho_clamp: bool = False,
 ):
     """Attention of each query block to its listed key blocks only, exact, in float32 internally.
+
+    With ``rho`` (float (B, H, N)) and ``residual`` ((B, H, N, Dv)) the output is Re-ttention's reshape
+    ``min(rho + rho_add, 1 if rho_clamp) * O + residual`` (:func:`apply_reshape`), which the Triton kernel applies in
+    its epilogue; ``lse`` and the masses stay those of the plain sparse attention.
 
     With ``return_mass`` a float32 (B, H, ceil(N/block_m), max_blocks) tensor is appended to the result: for LUT
     slot ``s`` of query block ``i``, the softmax probability its key block receives, averaged over the block's real
@@ -213,6 +249,15 @@ def block_sparse_attention(
     key_padding = check_key_padding(key_padding, b, n, q.device)
     key_groups, query_groups = check_groups(key_groups, query_groups, b, h, n, q.device)
     dv = v.shape[-1]
+    if check_reshape(rho, residual, b, h, n, dv, q.device) is not None:
+        # the same math on float32 inputs (it runs in float32 anyway) keeps the sparse output unrounded
+        result = block_sparse_attention(
+            q.float(), k.float(), v.float(), kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale,
+            return_lse=True, return_mass=return_mass, key_padding=key_padding, key_groups=key_groups,
+            query_groups=query_groups,
+        )  # fmt: skip
+        out = apply_reshape(result[0], rho, residual, rho_add, rho_clamp).to(q.dtype)
+        return _pack(out, result[1], result[-1], return_lse, return_mass)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     n_qb = math.ceil(n / block_m)
     n_kb = math.ceil(n / block_n)

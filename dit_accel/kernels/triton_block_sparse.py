@@ -327,6 +327,24 @@ def _store_out_lse(
         tl.store(lse_base + offs_m, lse, mask=offs_m < N)
 
 
+@triton.jit
+def _reshape_epilogue(
+    acc, l_i, rho_base, res_base, offs_m, N, srn, DV, rho_add, HEAD_DV: tl.constexpr, RHO_CLAMP: tl.constexpr
+):
+    """Re-ttention's ``(rho + rho_add) * O + R`` folded into the accumulator (``acc / l`` is the output): the
+    sparse output never leaves the registers and no float32 temporaries are made. An empty row (l = 0, stored
+    as acc / 1) gets R alone, as the unfused formula gives."""
+    rows = offs_m < N
+    rho = tl.load(rho_base + offs_m, mask=rows, other=0.0).to(tl.float32) + rho_add
+    if RHO_CLAMP:
+        rho = tl.minimum(rho, 1.0)
+    cols = tl.arange(0, HEAD_DV)
+    res_ptrs = res_base + offs_m[:, None].to(tl.int64) * srn + cols[None, :]
+    res = tl.load(res_ptrs, mask=rows[:, None] & (cols[None, :] < DV), other=0.0).to(tl.float32)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    return rho[:, None] * acc + res * l_safe[:, None]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # block-sparse attention (+ mass)
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,6 +411,14 @@ def _bsa_fwd(
     HAS_KPAD: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
     GROUP_WORDS: tl.constexpr,
+    RHO,
+    RES,
+    srb,
+    srh,
+    srn,
+    rho_add,
+    HAS_RESHAPE: tl.constexpr,
+    RHO_CLAMP: tl.constexpr,
 ):
     pid_bh, off_b, off_h, start_m, qb, offs_m = _query_tile(H, BLOCK_M, LUT_BLOCK_M)
     q_base = Q + off_b * sqb + off_h * sqh
@@ -409,6 +435,9 @@ def _bsa_fwd(
         n_kb, skn, svn, D, DV, qk_scale, BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D,
         FP32, HAS_KPAD, HAS_GROUPS, GROUP_WORDS,
     )  # fmt: skip
+    if HAS_RESHAPE:
+        acc = _reshape_epilogue(acc, l_i, RHO + pid_bh.to(tl.int64) * N, RES + off_b * srb + off_h * srh, offs_m, N,
+                                srn, DV, rho_add, HEAD_DV, RHO_CLAMP)  # fmt: skip
     _store_out_lse(
         O, LSE, O + off_b * sob + off_h * soh, LSE + pid_bh.to(tl.int64) * N, acc, m_i, l_i, offs_m, N, son, DV,
         HEAD_DV, WRITE_LSE,
@@ -1181,9 +1210,17 @@ def block_sparse_attention(
     key_padding: torch.Tensor | None = None,
     key_groups: torch.Tensor | None = None,
     query_groups: torch.Tensor | None = None,
+    rho: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    rho_add: float = 0.0,
+    rho_clamp: bool = False,
 ):
-    """Triton block-sparse attention; same contract as :func:`reference.block_sparse_attention`."""
+    """Triton block-sparse attention; same contract as :func:`reference.block_sparse_attention` (with ``rho`` and
+    ``residual`` the reshape is the kernel's epilogue)."""
     p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale, key_padding, key_groups, query_groups)
+    reshape = reference.check_reshape(rho, residual, p.b, p.h, p.n, p.dv, q.device)
+    if reshape is not None:
+        rho, residual = rho.float().contiguous(), _last_contig(residual)
     out = torch.empty(p.b, p.h, p.n, p.dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.b, p.h, p.n, device=q.device, dtype=torch.float32)
     width = kv_indices.shape[-1] if return_mass else 0
@@ -1199,7 +1236,11 @@ def block_sparse_attention(
             p.q, p.k, p.v, out, lse, mass_arg, p.lut, p.cnt, p.kpad, p.kgrp, p.qgrp, k_desc, v_desc, *p.strides(out),
             *(mass.stride()[:3] if width > 0 else (0, 0, 0)), *p.qgrp.stride()[:3], p.h, p.n, p.n_kb, p.d, p.dv,
             p.scale * _LOG2E, WRITE_LSE=return_lse, WRITE_MASS=width > 0, MASS_ATOMIC=atomic,
-            HAS_GROUPS=p.has_groups, GROUP_WORDS=p.group_words, **p.consts(cfg),
+            HAS_GROUPS=p.has_groups, GROUP_WORDS=p.group_words,
+            RHO=rho if reshape is not None else lse, RES=residual if reshape is not None else out,
+            srb=residual.stride(0) if reshape is not None else 0, srh=residual.stride(1) if reshape is not None else 0,
+            srn=residual.stride(2) if reshape is not None else 0, rho_add=float(rho_add),
+            HAS_RESHAPE=reshape is not None, RHO_CLAMP=bool(rho_clamp), **p.consts(cfg),
         )  # fmt: skip
 
     cands = _candidates("bsa", block_m, block_n, p.head_d, p.fp32, p.tma_ok)

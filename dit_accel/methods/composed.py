@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..compensation import SLAProjections, combine_linear, reshape_output, reshape_statistics
+from ..compensation import SLAProjections, combine_linear, reshape_statistics
 from ..config import AccelConfig
 from ..patterns import GEOMETRIC_PATTERNS, Plan, build_pattern, plan_for
 from ..patterns.vmoba import vmoba_keep
@@ -237,16 +237,17 @@ class ComposedMethod(Method):
                 proj = self.projections.get(call.site_index, d, q.device)
             out = combine_linear(o_s, o_l, proj, alpha)
         else:
-            out, lse = kernels.block_sparse_attention(
-                q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, return_lse=True,
-                key_padding=kp, key_groups=pattern.key_groups, query_groups=pattern.query_groups,
-            )  # fmt: skip
-            if cfg.compensation.kind == "reshape":
+            reshape: dict = {}
+            if cfg.compensation.kind == "reshape":  # rho_c * O + R, fused into the kernel's epilogue
                 assert stats is not None and stats.rho is not None and stats.residual is not None
                 uses = stats.sparse_uses
                 stats.sparse_uses = uses + 1
                 residual = stats.residual.to(q.device, non_blocking=True)
-                out = reshape_output(out, stats.rho, residual, ramp=cfg.ramp, uses=uses, clamp=cfg.rho_clamp)
+                reshape = dict(rho=stats.rho, residual=residual, rho_add=cfg.ramp * uses, rho_clamp=cfg.rho_clamp)
+            out, lse = kernels.block_sparse_attention(
+                q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, scale=call.scale, return_lse=True,
+                key_padding=kp, key_groups=pattern.key_groups, query_groups=pattern.query_groups, **reshape,
+            )  # fmt: skip
         if cfg.refresh_drift > 0 and stats is not None and stats.lse_ref is not None:
             branch.drift = lse_drift(lse, stats.lse_ref)  # read once per forward by the site group
         return out

@@ -280,3 +280,31 @@ def test_pair_through_dense_lse_path(rng, device, monkeypatch, shift):
         torch.testing.assert_close(got[i].float(), want[i].float(), atol=4e-3, rtol=4e-3)
     for i in (1, 3):
         assert_lse_close(got[i], want[i], 2e-3)
+
+
+@pytest.mark.parametrize(("n", "d", "block_m", "block_n", "dtype"), [CASES[0], CASES[2], CASES[4]])
+@pytest.mark.parametrize("clamp", [False, True])
+def test_reshape_epilogue_matches_the_unfused_formula(rng, device, n, d, block_m, block_n, dtype, clamp):
+    """rho_c * O + R in the kernel's epilogue equals the formula applied to the plain kernel's output, on every
+    row (the empty query block gets R alone), with a strided residual, for the Triton, CPU and reference paths."""
+    from dit_accel.compensation import reshape_output
+    from dit_accel.kernels import cpu
+
+    b, h = 1, 2
+    q, k, v = _inputs(b, h, n, d, dtype, rng, device)
+    _, idx, cnt = random_lut(b, h, n, block_m, block_n, rng)
+    idx, cnt = idx.to(device), cnt.to(device)
+    rho = torch.rand(b, h, n, generator=rng).to(device) * 1.2  # some rows above 1: the clamp matters
+    residual = torch.randn(b, n, h, d, generator=rng).to(device=device, dtype=dtype).transpose(1, 2)
+    kw = dict(block_m=block_m, block_n=block_n, scale=0.2)
+    plain = reference.block_sparse_attention(q.float(), k.float(), v.float(), idx, cnt, **kw)[0]
+    want = reshape_output(plain, rho, residual, ramp=0.05, uses=3, clamp=clamp)
+    tol = TOL[dtype]
+    for impl in (tbs.block_sparse_attention, cpu.block_sparse_attention, reference.block_sparse_attention):
+        out, lse = impl(q, k, v, idx, cnt, **kw, rho=rho, residual=residual, rho_add=0.15, rho_clamp=clamp)
+        assert out.dtype == dtype, impl
+        torch.testing.assert_close(out.float(), want, atol=3 * tol, rtol=3 * tol)
+        assert_lse_close(lse, reference.block_sparse_attention(q, k, v, idx, cnt, **kw)[1], 2e-3)
+    torch.testing.assert_close(out[0, 0, :block_m].float(), residual[0, 0, :block_m].float(), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="rho and residual go together"):
+        tbs.block_sparse_attention(q, k, v, idx, cnt, **kw, rho=rho)
