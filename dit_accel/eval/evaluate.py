@@ -274,6 +274,8 @@ def evaluate(
     skip: Callable[[str, int, str | None], bool] | None = None,
     keep_going: bool = False,
     warmup: bool = True,
+    on_first_timing: Callable[[float, int], None] | None = None,
+    on_frames: Callable[[dict[str, Any], np.ndarray], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the dense baseline once per (prompt, seed) and every configuration against it.
 
@@ -289,6 +291,10 @@ def evaluate(
         on_record: called with each record as soon as it exists (the sweep saves progressively).
         skip: ``skip(key, seed, prompt)`` returning True leaves that record out (already finished).
         warmup: one untimed single-step run before the first timed one.
+        on_first_timing: called once with the seconds one denoising step took (the warm-up step, else the first
+            dense render's mean) and the steps per render, so a caller can estimate the time of what follows.
+        on_frames: called with each record (and once per baseline, with a ``{"method": "dense", ...}`` record)
+            and its decoded frames (F, H, W, C), e.g. to keep a contact sheet.
         keep_going: record a failing configuration as ``{"error": ...}`` and continue instead of raising.
 
     Returns:
@@ -311,19 +317,30 @@ def evaluate(
             todo = [s for s in specs if skip is None or not skip(config_key(s), seed, prompt)]
             if not todo:
                 continue
+            n_steps = int(kwargs.get("num_inference_steps") or 1)
             bkey = baselines.key(kwargs, seed, type(pipe).__name__)
             baseline = baselines.get(bkey)
             if warmup and not warmed:
                 # One untimed single-step run absorbs first-call costs (allocator, kernel compilation, caches)
                 # that would otherwise inflate whichever run comes first.
                 warmed = True
+                start = time.perf_counter()
                 try:
                     run_once(pipe, {**kwargs, "num_inference_steps": 1}, seed, todo[0], probe_steps=())
                 except Exception:  # noqa: BLE001 - the timed run reports the failure properly
                     pass
+                if on_first_timing is not None:
+                    on_first_timing(time.perf_counter() - start, n_steps)
+                    on_first_timing = None
             if baseline is None:
                 baseline = run_once(pipe, kwargs, seed, "dense", probe_steps=())
                 baselines.put(bkey, baseline)
+                if on_first_timing is not None:
+                    on_first_timing(baseline.wall_s / n_steps, n_steps)
+                    on_first_timing = None
+            if on_frames is not None:
+                on_frames({"key": config_key({"method": "dense"}), "method": "dense", "seed": int(seed),
+                           "prompt": prompt}, baseline.frames)  # fmt: skip
             for spec in todo:
                 try:
                     run = run_once(pipe, kwargs, seed, spec, probe_steps=probe_steps, probe_layers=probe_layers)
@@ -336,7 +353,11 @@ def evaluate(
                 else:
                     record = make_record(spec, seed, prompt, run, baseline, use_lpips=use_lpips)
                     record["kernel_backend"] = record["kernel_backend"] or backend_for(_device_of(pipe))
+                    record["size"] = list(run.frames.shape[:3])  # what was rendered: frames, height, width
+                    if on_frames is not None:
+                        on_frames(record, run.frames)
                 record["device"] = str(_device_of(pipe))
+                record["steps"] = kwargs.get("num_inference_steps")
                 records.append(record)
                 if on_record is not None:
                     on_record(record)

@@ -1,17 +1,21 @@
 """Sweep report: a markdown table sorted by speed, the best configuration per quality level, and a Pareto plot.
 
 Records of the same configuration (different seeds/prompts) are averaged. The speed axis is the measured
-end-to-end speed-up when the Triton kernels ran (GPU); on the CPU reference path measured times say nothing
-about kernel speed, so the estimate from achieved density and the dense run's attention share is used and
-labelled as such.
+end-to-end speed-up when the Triton kernels ran (GPU); elsewhere the estimate from achieved density and attention's
+FLOP share, labelled as such, with the measured times beside it in their own column, named with the device they
+hold for. A contact sheet (dense first, then every configuration) sits beside the report; when no configuration
+reaches the lowest quality level, they are ranked by PSNR instead.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .metrics import PSNR_IDENTICAL
 
@@ -67,6 +71,7 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "runs": len(group),
             "seeds": sorted({r["seed"] for r in group}),
             "kernel_backend": first.get("kernel_backend"),
+            "device": first.get("device"),
             "lpips_skipped": first.get("lpips_skipped"),
         }
         for name in _NUMERIC:
@@ -110,10 +115,18 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _where(rows: Sequence[dict[str, Any]]) -> str:
+    """The device and kernels the measured times hold for, e.g. ``cpu, cpu kernels``."""
+    devices = sorted({str(r.get("device")) for r in rows if r.get("device")}) or ["unknown device"]
+    backends = sorted({str(r.get("kernel_backend")) for r in rows if r.get("kernel_backend")})
+    return ", ".join(devices) + (f"; {', '.join(backends)} kernels" if backends else "")
+
+
 def _table(rows: Sequence[dict[str, Any]], speed: str) -> list[str]:
+    where = _where(rows)
     head = (
-        "| configuration | kind | runs | speed-up | measured | est. (time) | est. (FLOPs) | density | PSNR dB | SSIM "
-        "| LPIPS | flicker Δ | latent err | attn err |"
+        f"| configuration | kind | runs | speed-up | measured ({where}) | est. (time) | est. (FLOPs, GPU kernels) "
+        "| density | PSNR dB | SSIM | LPIPS | flicker Δ | latent err | attn err |"
     )
     lines = [head, "|" + "---|" * 14]
     for row in sorted(rows, key=lambda r: -(r.get(speed) or 0.0)):
@@ -160,10 +173,21 @@ def _best_per_level(rows: Sequence[dict[str, Any]], speed: str) -> list[str]:
             f"| {name} | {threshold:g} | {_label(best)} | {_fmt(best[speed], 2)} | {_fmt(best['psnr'], 2)} "
             f"| {_fmt(best.get('ssim'), 4)} |"
         )
+    lowest = QUALITY_LEVELS[-1][1]
+    scored = [r for r in candidates if r.get("psnr") is not None]
+    if scored and all(r["psnr"] < lowest for r in scored):
+        lines += ["", f"No configuration reached {lowest:g} dB; closest to dense first (ties: faster first):", ""]
+        lines += ["| rank | configuration | PSNR dB | SSIM | speed-up |", "|---|---|---|---|---|"]
+        ranked = sorted(scored, key=lambda r: (-r["psnr"], -(r.get(speed) or 0.0)))
+        for i, r in enumerate(ranked, 1):
+            lines.append(
+                f"| {i} | {_label(r)} | {_fmt(r['psnr'], 2)} | {_fmt(r.get('ssim'), 4)} | {_fmt(r.get(speed), 2)} |"
+            )
     return lines
 
 
-def _plot(rows: Sequence[dict[str, Any]], speed: str, path: Path) -> None:
+def _plot(rows: Sequence[dict[str, Any]], speed: str, path: Path) -> list[str]:
+    """Draw ``pareto.png``; returns the legend's labels (what the reader is told each mark is)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -180,13 +204,20 @@ def _plot(rows: Sequence[dict[str, Any]], speed: str, path: Path) -> None:
 
     groups = (("ours", False, "o", "tab:blue"), ("paper presets", True, "^", "tab:orange"))
     for label, paper, marker, color in groups:
-        pts = [r for r in rows if r["paper"] == paper and r.get(speed) is not None and r.get("psnr") is not None]
+        pts = [
+            r
+            for r in rows
+            if r["paper"] == paper and r["method"] != "dense" and r.get(speed) is not None and r.get("psnr") is not None
+        ]
         if pts:
             ax.scatter([r[speed] for r in pts], [y(r) for r in pts], marker=marker, color=color, label=label, s=40)
             for r in pts:
                 ax.annotate(_short(r), (r[speed], y(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if finite and top < PSNR_IDENTICAL:
-        ax.axhline(top, color="grey", linestyle="--", linewidth=0.8, label="identical to dense")
+    # the reference itself: 1.0x, drawn on the top line (its PSNR against itself is infinite)
+    ax.scatter([1.0], [top], marker="*", s=160, color="black", zorder=5, label="dense (the reference, 1.0x)")
+    identical = [r for r in rows if r["method"] != "dense" and (r.get("psnr") or 0.0) >= PSNR_IDENTICAL]
+    if identical and finite:
+        ax.axhline(top, color="grey", linestyle="--", linewidth=0.8, label="output identical to dense")
     front = pareto_front(rows, speed)
     if front:
         ax.plot(
@@ -200,19 +231,63 @@ def _plot(rows: Sequence[dict[str, Any]], speed: str, path: Path) -> None:
             linewidth=1.5,
             label="Pareto frontier",
         )
-    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1, label="dense (1.0x)")
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
     axis = {
-        "speedup": "measured end-to-end speed-up",
-        "est_speedup_flops": "estimated transformer speed-up (density x attention FLOP share)",
+        "speedup": f"measured end-to-end speed-up ({_where(rows)})",
+        "est_speedup_flops": "estimated transformer speed-up for GPU kernels (density x attention FLOP share)",
     }.get(speed, "estimated speed-up (density x attention time share)")
     ax.set_xlabel(axis)
     ax.set_ylabel("PSNR vs dense (dB, higher is closer)")
     ax.set_title("Quality vs speed")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return labels
+
+
+def _contact_sheet(records: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], speed: str, out: Path) -> bool:
+    """``contact.png``: the dense strip, then every configuration's (fastest first), for the first prompt and seed
+    (first, middle and last frame, as the sweep saved them under ``frames/``). False when no strip exists."""
+    from .sweep import FRAMES, strip_name
+
+    ok = [r for r in records if "error" not in r]
+    if not ok:
+        return False
+    prompt, seed = ok[0].get("prompt"), ok[0]["seed"]
+    dense_key = json.dumps({"method": "dense"}, sort_keys=True)
+    entries = [("dense (reference)", out / FRAMES / strip_name(dense_key, seed, prompt))]
+    by_key = {r["key"]: r for r in ok if r.get("prompt") == prompt and r["seed"] == seed}
+    for row in sorted(rows, key=lambda r: -(r.get(speed) or 0.0)):
+        record = by_key.get(row["key"])
+        if record is None or row["method"] == "dense":
+            continue
+        psnr = record.get("psnr")
+        label = f"{_label(row)}: {_fmt(record.get(speed), 2)}x, {_fmt(psnr, 1)} dB"
+        entries.append((label, out / FRAMES / strip_name(record["key"], seed, prompt)))
+    entries = [(label, path) for label, path in entries if path.exists()]
+    if not entries:
+        return False
+    import imageio.v3 as iio
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    strips = [iio.imread(path) for _, path in entries]
+    aspect = strips[0].shape[1] / strips[0].shape[0]
+    fig, axes = plt.subplots(len(strips), 1, figsize=(min(12.0, 2.2 * aspect), 2.4 * len(strips)), dpi=90)
+    for ax, (label, _), strip in zip(np.atleast_1d(axes), entries, strips):
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_title(label, fontsize=8, loc="left")
+        ax.axis("off")
+    fig.suptitle(f"first, middle and last frame; prompt {prompt!r}, seed {seed}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "contact.png")
+    plt.close(fig)
+    return True
 
 
 def _short(row: dict[str, Any]) -> str:
@@ -230,15 +305,27 @@ def write_report(
     speed = speed_basis(rows)
     errors = [r for r in records if "error" in r]
     lines = ["# dit_accel sweep report", ""]
-    if spec:
-        size = f"{spec.get('height') or 'default'} x {spec.get('width') or 'default'}"
-        lines.append(
-            f"Model `{spec.get('model')}`, steps {spec.get('steps') or 'default'}, "
-            f"frames {spec.get('frames') or 'default'}, size {size}, seeds {list(spec.get('seeds', []))}."
+    done = [r for r in records if "error" not in r]
+    sizes = sorted({tuple(r["size"]) for r in done if r.get("size")})
+    steps = sorted({r["steps"] for r in done if r.get("steps")})
+    prompts = list(dict.fromkeys(r.get("prompt") for r in records))
+    if spec or done:
+        spec = spec or {}
+        size = ", ".join(f"{f} frames x {h} x {w} px" for f, h, w in sizes) or (
+            f"{spec.get('frames') or 'default'} frames x {spec.get('height') or 'default'} x "
+            f"{spec.get('width') or 'default'} px"
         )
-        lines.append("")
+        shown = [("the model's own input" if p is None else repr(p)) for p in prompts] or ["-"]
+        n_steps = ", ".join(map(str, steps)) or spec.get("steps") or "default"
+        seeds = list(spec.get("seeds", sorted({r["seed"] for r in done})))
+        lines += [
+            f"Model `{spec.get('model')}`, rendered at {size}, {n_steps} steps, seeds {seeds}, on {_where(rows)}.",
+            "",
+            "Prompts: " + "; ".join(shown) + ".",
+            "",
+        ]
     basis = {
-        "speedup": "measured end-to-end wall time (Triton kernels, device-synchronised)",
+        "speedup": f"measured end-to-end wall time on {_where(rows)} (device-synchronised)",
         "est_speedup_flops": "**estimated** transformer speed-up 1 / ((1 - a) + a * d), a = self-attention's share "
         "of the transformer FLOPs at these shapes, d = achieved density (the CPU reference kernels' timings say "
         "little about GPU kernel speed; `est. (time)` uses the dense run's measured attention time share instead "
@@ -248,7 +335,9 @@ def write_report(
         "**estimated**: 1 / ((1 - a) + a * d), a = attention share of the dense run's wall time, d = achieved density",
     )
     lines += [
-        f"Speed-up column: {basis}. Quality is measured against the dense video of the same prompt and seed "
+        f"Speed-up column: {basis}. Measured speed-ups (`measured`) hold for {_where(rows)} only; the estimates "
+        "hold where the kernels' cost follows the kept blocks (the Triton kernels on a GPU). Quality is measured "
+        "against the dense video of the same prompt and seed "
         "(PSNR capped at 100 dB for identical output). `attn err` is the attention probe's mean relative error of "
         "sparse attention outputs against dense attention on the same inputs.",
         "",
@@ -272,6 +361,11 @@ def write_report(
     if errors:
         lines += ["", "## Failed runs", ""] + [f"- `{r['key']}` seed {r['seed']}: {r['error']}" for r in errors]
     lines += ["", "![quality vs speed](pareto.png)", ""]
+    files = {"report": str(out / "report.md"), "pareto": str(out / "pareto.png")}
+    if _contact_sheet(records, rows, speed, out):
+        lines += ["## Contact sheet", "", "Every configuration beside dense (frame strips in `frames/`):", "",
+                  "![contact sheet](contact.png)", ""]  # fmt: skip
+        files["contact"] = str(out / "contact.png")
     (out / "report.md").write_text("\n".join(lines))
     _plot(rows, speed, out / "pareto.png")
-    return {"report": str(out / "report.md"), "pareto": str(out / "pareto.png")}
+    return files

@@ -28,10 +28,14 @@ __all__ = [
     "merge_parts",
     "record_id",
     "run_sweep",
+    "save_strip",
+    "strip_name",
+    "time_estimate",
 ]
 
 RESULTS = "results.json"
 PARTS = "parts"
+ESTIMATE_ABOVE_S = 180.0  # sweeps estimated longer than this print their estimate before they start
 
 
 @dataclass
@@ -129,6 +133,37 @@ def build_grid(spec: SweepSpec) -> list[dict[str, Any]]:
 def record_id(key: str, seed: int, prompt: str | None) -> str:
     """Identity of one record: configuration, seed and prompt."""
     return json.dumps([key, int(seed), prompt])
+
+
+FRAMES = "frames"
+
+
+def strip_name(key: str, seed: int, prompt: str | None) -> str:
+    """File name (under ``DIR/frames``) of one record's frame strip: readable method prefix plus a hash."""
+    import hashlib
+
+    method = json.loads(key).get("method", "run") if key.startswith("{") else "run"
+    digest = hashlib.sha1(record_id(key, seed, prompt).encode()).hexdigest()[:10]
+    return f"{method}-{digest}.png"
+
+
+def save_strip(folder: Path, record: dict[str, Any], frames: Any) -> Path:
+    """The first, middle and last frame side by side as one PNG (the report's contact sheet reads them)."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    frames = np.asarray(frames)
+    picks = sorted({0, len(frames) // 2, len(frames) - 1})
+    strip = np.concatenate([frames[i] for i in picks], axis=1)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / strip_name(record["key"], record["seed"], record.get("prompt"))
+    iio.imwrite(path, (np.clip(strip, 0.0, 1.0) * 255).round().astype(np.uint8))
+    return path
+
+
+def time_estimate(step_seconds: float, steps: int, renders: int) -> float:
+    """Seconds for ``renders`` renders of ``steps`` steps when one step takes ``step_seconds``."""
+    return step_seconds * steps * renders
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -255,6 +290,19 @@ def run_sweep(
         groups: dict[tuple[str | None, int], list[dict[str, Any]]] = {}
         for cfg, prompt, seed in mine:
             groups.setdefault((prompt, seed), []).append(cfg)
+        renders = len(mine) + len(groups)  # every configuration, and a dense baseline per (prompt, seed) at most
+
+        announced: list[float] = []
+
+        def announce(step_seconds: float, steps: int) -> None:  # once, from the first timing of the sweep
+            seconds = time_estimate(step_seconds, steps, renders)
+            if not announced and seconds >= ESTIMATE_ABOVE_S:
+                bar.write(
+                    f"sweep: {renders} renders of {steps} steps, about {seconds / 60:.0f} min here "
+                    f"(one step took {step_seconds:.1f} s; resumable: rerun the same command)"
+                )
+            announced.append(seconds)
+
         for index, ((prompt, seed), cfgs) in enumerate(groups.items()):
             evaluate(
                 pipe,
@@ -274,6 +322,8 @@ def run_sweep(
                 skip=lambda key, s, p: record_id(key, s, p) not in mine_ids,
                 keep_going=True,
                 warmup=spec.warmup and index == 0,
+                on_first_timing=announce,
+                on_frames=lambda record, frames: save_strip(out / FRAMES, record, frames),
             )
     bar.close()
 

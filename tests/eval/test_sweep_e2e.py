@@ -74,3 +74,22 @@ def test_sweep_writes_results_report_plot_and_resumes(tmp_path):
     assert "0 new records, 1 already done" in second.output
     again = json.loads((out / "results.json").read_text())
     assert again["records"] == results["records"]  # finished records kept untouched
+
+
+def test_sweep_keeps_a_contact_sheet_and_announces_a_long_sweep(tmp_path, monkeypatch):
+    """Frame strips of dense and every configuration, a contact sheet beside the report, the prompt and the real
+    size in its header, and an estimate printed before a sweep longer than the threshold."""
+    from dit_accel.eval import sweep
+
+    monkeypatch.setattr(sweep, "ESTIMATE_ABOVE_S", 0.0)  # every sweep counts as long here
+    out = tmp_path / "sweep"
+    args = [a if a != "blocktopk" else "blocktopk,window" for a in ARGS]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "sweep: 3 renders of 2 steps, about" in result.output  # dense + two configurations
+    strips = sorted(p.name.split("-")[0] for p in (out / "frames").glob("*.png"))
+    assert strips == ["blocktopk", "dense", "window"]
+    report = (out / "report.md").read_text()
+    assert "![contact sheet](contact.png)" in report and (out / "contact.png").read_bytes()[:4] == b"\x89PNG"
+    assert "rendered at 5 frames x 128 x 128 px, 2 steps" in report and "Prompts: the model's own input." in report
+    assert "measured (cpu; cpu kernels)" in report

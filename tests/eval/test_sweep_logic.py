@@ -77,3 +77,24 @@ def test_report_table_levels_and_pareto(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ours") or line.startswith("| x-paper")]
     assert rows[0].startswith("| ours (sparsity=0.9)")  # fastest first
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and files["pareto"].endswith("pareto.png")
+
+
+def test_report_ranks_configurations_when_none_reaches_a_level(tmp_path):
+    records = [_record("a", 0.9, 0, 3.0, 18.0), _record("b", 0.8, 0, 2.0, 21.5), _record("c", 0.5, 0, 1.5, 21.5)]
+    report.write_report(records, tmp_path, spec={"model": "m", "seeds": [0]})
+    text = (tmp_path / "report.md").read_text()
+    assert "No configuration reached 25 dB" in text
+    ranked = [line.split(" | ")[1] for line in text.splitlines() if line[:4] in ("| 1 ", "| 2 ", "| 3 ")]
+    assert ranked == ["b (sparsity=0.8)", "c (sparsity=0.5)", "a (sparsity=0.9)"]  # PSNR first, then speed
+    reached = [_record("a", 0.9, 0, 3.0, 26.0)]
+    report.write_report(reached, tmp_path, spec={"model": "m", "seeds": [0]})
+    assert "No configuration reached" not in (tmp_path / "report.md").read_text()
+
+
+def test_plot_marks_dense_and_claims_identity_only_when_true(tmp_path):
+    rows = report.aggregate([_record("dense", 0.0, 0, 1.0, 100.0), _record("a", 0.9, 0, 3.0, 28.0)])
+    labels = report._plot(rows, "est_speedup", tmp_path / "p.png")
+    assert "dense (the reference, 1.0x)" in labels and "output identical to dense" not in labels
+    assert "ours" in labels  # the dense row is the reference mark, not one of ours
+    rows = report.aggregate([_record("a", 0.9, 0, 3.0, 28.0), _record("b", 0.2, 0, 1.1, 100.0)])
+    assert "output identical to dense" in report._plot(rows, "est_speedup", tmp_path / "p.png")
