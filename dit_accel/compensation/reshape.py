@@ -3,7 +3,8 @@
 At a refresh step, with the sparse and the full attention of the same call and their LSEs:
     rho = exp(lse_sparse - lse_full)   (the kept softmax mass per row, in (0, 1])
     R   = O_full - rho * O_sparse      (the output of the masked keys)
-At the c-th sparse step after it: O = rho_c * O_sparse + R with rho_c = rho + c * ramp (clamped at 1 on request).
+At the c-th sparse step after it (c = 1 first): O = rho_c * O_sparse + R with rho_c = rho + (c - 1) * ramp, as the
+official processors count (clamped at 1 on request); ``uses`` below is c - 1.
 """
 
 from __future__ import annotations
