@@ -2,8 +2,9 @@
 
 On CUDA the public functions run the Triton kernels when they are available; on the CPU the fused CPU path in
 :mod:`dit_accel.kernels.cpu` (PyTorch's CPU flash kernel, exact, falling back to the reference for what it does not
-cover); elsewhere the exact PyTorch references in :mod:`dit_accel.kernels.reference`. ``DIT_ACCEL_KERNELS=triton``,
-``=cpu`` or ``=reference`` forces one (with ``TRITON_INTERPRET=1`` the Triton kernels run on the CPU, for tests).
+cover); elsewhere the exact PyTorch references in :mod:`dit_accel.kernels.reference`. ``DIT_ACCEL_KERNELS`` forces
+one: ``triton``, ``cpu``, ``flex`` (FlexAttention from the LUT, :mod:`dit_accel.kernels.flex`) or ``reference``
+(with ``TRITON_INTERPRET=1`` the Triton kernels run on the CPU, for tests).
 
 The attention functions take an optional ``key_padding`` (bool (B, N), True = attend): SDPA's boolean
 key-padding mask, applied inside the kernels (:func:`key_padding_from_mask` reads it from an ``attn_mask``).
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
-_BACKENDS = ("auto", "triton", "cpu", "reference")
+_BACKENDS = ("auto", "triton", "cpu", "flex", "reference")
 
 
 def _triton_available() -> bool:
@@ -46,12 +47,13 @@ def _triton_available() -> bool:
 
 
 def backend_for(device: torch.device | str) -> str:
-    """Which implementation runs for tensors on ``device``: ``"triton"``, ``"cpu"`` or ``"reference"``."""
+    """Which implementation runs for tensors on ``device``: ``"triton"``, ``"cpu"``, ``"flex"`` (FlexAttention,
+    only when forced) or ``"reference"``."""
     forced = os.environ.get("DIT_ACCEL_KERNELS", "auto").strip().lower() or "auto"
     if forced not in _BACKENDS:
         raise ValueError(f"DIT_ACCEL_KERNELS={forced!r} is not one of {', '.join(_BACKENDS)}")
-    if forced == "reference":
-        return "reference"
+    if forced in ("reference", "flex"):
+        return forced
     if forced == "triton":
         if not _triton_available():
             raise RuntimeError("DIT_ACCEL_KERNELS=triton but the Triton kernels cannot be imported")
@@ -256,10 +258,10 @@ def _impl(name: str, device: torch.device):
         from . import triton_block_sparse
 
         return getattr(triton_block_sparse, name)
-    if backend == "cpu":
-        from . import cpu
+    if backend in ("cpu", "flex"):
+        from . import cpu, flex
 
-        return getattr(cpu, name, None) or getattr(reference, name)
+        return getattr(cpu if backend == "cpu" else flex, name, None) or getattr(reference, name)
     return getattr(reference, name)
 
 
