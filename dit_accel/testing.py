@@ -65,27 +65,42 @@ def _padded_mask(tokens: int, real: int) -> torch.Tensor:
     return mask
 
 
-def _wan(seed: int, image_to_video: bool = False) -> tuple[Any, dict[str, Any]]:
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+def _wan_vae() -> Any:
+    from diffusers import AutoencoderKLWan
 
-    torch.manual_seed(seed)
-    vae = AutoencoderKLWan(
+    return AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=36 if image_to_video else 16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=64,
-    )
+
+
+#: the tiny Wan-style transformer's shape, shared by the Wan, VACE, Animate and SkyReels-V2 builders
+_WAN_DIMS: dict[str, Any] = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=64,
+)
+
+
+def _wan_transformer(in_channels: int = 16) -> Any:
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(in_channels=in_channels, **_WAN_DIMS)
+
+
+def _wan(seed: int, image_to_video: bool = False) -> tuple[Any, dict[str, Any]]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    vae = _wan_vae()
+    transformer = _wan_transformer(36 if image_to_video else 16)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
     kwargs: dict[str, Any] = dict(
         prompt_embeds=_embeds(seed + 1, 1, 16, 32),
@@ -113,6 +128,42 @@ def _wan(seed: int, image_to_video: bool = False) -> tuple[Any, dict[str, Any]]:
 
 def _wan_i2v(seed: int) -> tuple[Any, dict[str, Any]]:
     return _wan(seed, image_to_video=True)
+
+
+#: Wan 2.2's boundary in the tiny two-expert pipeline: with shift 7 and 4 steps the timesteps are about
+#: 1000, 934, 781, 47, so the high-noise ``transformer`` runs steps 0-1 (t >= 875) and ``transformer_2`` steps 2-3
+WAN22_BOUNDARY_RATIO = 0.875
+
+
+def _wan22(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Wan 2.2 A14B's layout: two experts of one architecture, switched at ``boundary_ratio`` of the timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(seed)
+    vae = _wan_vae()
+    transformer = _wan_transformer()
+    transformer_2 = _wan_transformer()  # other random weights: the experts must not be interchangeable
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=WAN22_BOUNDARY_RATIO,
+    )
+    kwargs: dict[str, Any] = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 32),
+        negative_prompt_embeds=_embeds(seed + 2, 1, 16, 32),
+        height=256,
+        width=256,
+        num_frames=9,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        guidance_scale_2=3.0,
+        output_type="latent",
+    )
+    return pipe, kwargs
 
 
 def _cogvideox(seed: int) -> tuple[Any, dict[str, Any]]:
@@ -377,6 +428,7 @@ def _flux(seed: int) -> tuple[Any, dict[str, Any]]:
 TINY_FAMILIES: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "wan": _wan,
     "wan_i2v": _wan_i2v,
+    "wan22": _wan22,
     "cogvideox": _cogvideox,
     "hunyuan_video": _hunyuan_video,
     "ltx_video": _ltx_video,
