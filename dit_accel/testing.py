@@ -152,18 +152,140 @@ def _wan22(seed: int) -> tuple[Any, dict[str, Any]]:
         transformer_2=transformer_2,
         boundary_ratio=WAN22_BOUNDARY_RATIO,
     )
-    kwargs: dict[str, Any] = dict(
+    return pipe, _wan_call(seed, num_inference_steps=4, guidance_scale_2=3.0)
+
+
+def _wan_call(seed: int, **extra: Any) -> dict[str, Any]:
+    """Call arguments of the Wan-style pipelines: 128 x 256 pixels (16 x 32 latent, 8 x 16 after patchify: not
+    square, so a grid with rows and columns swapped fails), 5 frames (2 latent frames): 256 tokens, 4 key blocks
+    (few pixels: the VAE encodes the control and pose videos on the CPU)."""
+    out: dict[str, Any] = dict(
         prompt_embeds=_embeds(seed + 1, 1, 16, 32),
         negative_prompt_embeds=_embeds(seed + 2, 1, 16, 32),
-        height=256,
+        height=128,
         width=256,
-        num_frames=9,
-        num_inference_steps=4,
+        num_frames=5,
+        num_inference_steps=3,
         guidance_scale=5.0,
-        guidance_scale_2=3.0,
         output_type="latent",
     )
+    out.update(extra)
+    return out
+
+
+def _wan_vace(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Wan VACE: the main blocks and the VACE blocks (control hints) both run self-attention over the video."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = WanVACETransformer3DModel(in_channels=16, vace_layers=[0, 1], vace_in_channels=96, **_WAN_DIMS)
+    pipe = WanVACEPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer,
+    )
+    video = [_pil(seed + 3 + i, 256, 128) for i in range(5)]
+    return pipe, _wan_call(seed, video=video)
+
+
+def _pil(seed: int, width: int, height: int) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (height, width, 3), generator=_gen(seed), dtype=torch.uint8).numpy()
+    return Image.fromarray(np.ascontiguousarray(pixels))
+
+
+def _wan_animate(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Wan Animate: blocks.*.attn1 is video self-attention; the face adapter's attention is cross-attention from
+    each frame's video tokens to that frame's motion tokens (not hooked). CLIP features come as ``image_embeds``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    dims = dict(_WAN_DIMS, out_channels=16)
+    transformer = WanAnimateTransformer3DModel(
+        in_channels=36,
+        latent_channels=16,
+        image_dim=8,
+        motion_encoder_channel_sizes={"4": 4, "8": 4, "16": 4},
+        motion_encoder_size=16,
+        motion_style_dim=8,
+        motion_dim=4,
+        motion_encoder_dim=8,
+        face_encoder_hidden_dim=8,
+        face_encoder_num_heads=2,
+        inject_face_latents_blocks=1,
+        motion_encoder_batch_size=4,
+        **dims,
+    )
+    # the pipeline refuses ``image_embeds`` next to ``image`` and needs ``image`` for the reference latents, so
+    # the CLIP features come from a tiny random CLIP vision tower (its second-to-last hidden states, 8 wide)
+    encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        )
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = WanAnimatePipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        image_processor=processor,
+        image_encoder=encoder,
+        transformer=transformer,
+    )
+    # 5 frames at 128 x 512: 2 latent frames and the reference image's, 3 x 8 x 32 = 768 tokens (12 key blocks)
+    kwargs = _wan_call(
+        seed,
+        width=512,
+        image=_pil(seed + 3, 512, 128),
+        pose_video=[_pil(seed + 4 + i, 512, 128) for i in range(5)],
+        face_video=[_pil(seed + 20 + i, 16, 16) for i in range(5)],
+        segment_frame_length=5,
+        prev_segment_conditioning_frames=1,
+    )
+    kwargs.pop("num_frames")  # Animate's length is the pose video's
     return pipe, kwargs
+
+
+def _skyreels_transformer(num_frame_per_block: int = 1) -> Any:
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    return SkyReelsV2Transformer3DModel(in_channels=16, num_frame_per_block=num_frame_per_block, **_WAN_DIMS)
+
+
+def _skyreels_v2(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import SkyReelsV2Pipeline, UniPCMultistepScheduler
+
+    torch.manual_seed(seed)
+    pipe = SkyReelsV2Pipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_wan_vae(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0),
+        transformer=_skyreels_transformer(),
+    )
+    return pipe, _wan_call(seed)
+
+
+def _skyreels_v2_df(seed: int) -> tuple[Any, dict[str, Any]]:
+    """SkyReels-V2 diffusion forcing, synchronous (``ar_step=0``): one timestep per latent frame, all equal."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+
+    torch.manual_seed(seed)
+    pipe = SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_wan_vae(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0),
+        transformer=_skyreels_transformer(),
+    )
+    return pipe, _wan_call(seed, prompt=None, base_num_frames=5)
 
 
 def _cogvideox(seed: int) -> tuple[Any, dict[str, Any]]:
@@ -425,6 +547,46 @@ def _flux(seed: int) -> tuple[Any, dict[str, Any]]:
     return pipe, kwargs
 
 
+def _flux2(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Flux 2: joint attention, text first; 64 x 128 pixels pack into a 16 x 32 token grid (4-column img ids)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        timestep_guidance_channels=32,
+        mlp_ratio=1.0,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 4),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        sample_size=32,
+    )
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 32),
+        height=64,
+        width=128,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
 TINY_FAMILIES: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "wan": _wan,
     "wan_i2v": _wan_i2v,
@@ -434,6 +596,11 @@ TINY_FAMILIES: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "ltx_video": _ltx_video,
     "pixart": _pixart,
     "flux": _flux,
+    "wan_vace": _wan_vace,
+    "wan_animate": _wan_animate,
+    "skyreels_v2": _skyreels_v2,
+    "skyreels_v2_df": _skyreels_v2_df,
+    "flux2": _flux2,
 }
 
 
