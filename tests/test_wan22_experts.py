@@ -155,3 +155,17 @@ def test_per_transformer_on_a_single_transformer_pipeline_names_its_one_componen
         dit_accel.accelerate(pipe, "blocktopk", per_transformer={"transformer_2": {"sparsity": 0.8}})
     with dit_accel.accelerate(pipe, "blocktopk", per_transformer={"transformer": {"sparsity": 0.5}}) as handle:
         assert handle.accelerators["transformer"].config.sparsity == 0.5
+
+
+def test_the_documented_two_expert_example_prints_what_it_says(capsys):
+    """docs/python.md's per-expert example runs and prints the lines its comments show."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "python.md").read_text()
+    section = text[text.index("## Two experts (Wan 2.2)") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    expected = [line.removeprefix("# ") for line in code.splitlines() if line.startswith("# transformer")]
+    assert len(expected) == 2
+    exec(compile(code, "docs/python.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == expected
