@@ -239,14 +239,14 @@ def _wan_animate(seed: int) -> tuple[Any, dict[str, Any]]:
         image_encoder=encoder,
         transformer=transformer,
     )
-    # 5 frames at 128 x 512: 2 latent frames and the reference image's, 3 x 8 x 32 = 768 tokens (12 key blocks)
+    # 9 frames at 64 x 256: 3 latent frames and the reference image's, 4 x 4 x 16 = 256 tokens (4 key blocks)
     kwargs = _wan_call(
         seed,
-        width=512,
-        image=_pil(seed + 3, 512, 128),
-        pose_video=[_pil(seed + 4 + i, 512, 128) for i in range(5)],
-        face_video=[_pil(seed + 20 + i, 16, 16) for i in range(5)],
-        segment_frame_length=5,
+        height=64,
+        image=_pil(seed + 3, 256, 64),
+        pose_video=[_pil(seed + 4 + i, 256, 64) for i in range(9)],
+        face_video=[_pil(seed + 20 + i, 16, 16) for i in range(9)],
+        segment_frame_length=9,
         prev_segment_conditioning_frames=1,
     )
     kwargs.pop("num_frames")  # Animate's length is the pose video's

@@ -149,6 +149,17 @@ def test_per_transformer_errors_name_what_is_allowed(wan22, per_transformer, mat
         assert not hasattr(module, "_diffusers_hook") or not module._diffusers_hook.hooks
 
 
+def test_a_per_transformer_dense_backend_is_checked_like_the_shared_one(wan22):
+    from dit_accel.api import xformers_available
+
+    if xformers_available():
+        pytest.skip("xformers is installed: the backend is allowed")
+    pipe, _, _ = wan22
+    with pytest.raises(ValueError, match="dense_backend='xformers' needs xformers"):
+        dit_accel.accelerate(pipe, "blocktopk", per_transformer={"transformer_2": {"dense_backend": "xformers"}})
+    assert not hasattr(pipe.transformer, "_dit_accel_accelerator")
+
+
 def test_per_transformer_on_a_single_transformer_pipeline_names_its_one_component():
     pipe, _ = tiny_pipeline("wan")
     with pytest.raises(ValueError, match=r"'transformer_2'.*allowed: transformer$"):
