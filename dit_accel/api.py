@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from .config import AccelConfig, resolve_config
+from .config import ALLOWED, AccelConfig, resolve_config
 from .kernels import backend_for
 from .parallel import check_context_parallel, describe
 from .pipelines.families import find_family
@@ -52,13 +53,26 @@ class AccelHandle:
         sites: dict[str, Any] = {}
         cache_total = 0
         families = {}
+        per_transformer: dict[str, Any] = {}
         for component, acc in self._accelerators.items():
             families[component] = acc.family.name
+            mine, mine_cache = SiteStats(), 0
             for site in acc.sites:
                 overall.add(site.stats)
+                mine.add(site.stats)
                 cache = site.cache_bytes()
                 cache_total += cache
+                mine_cache += cache
                 sites[f"{component}.{site.name}"] = site.stats.as_dict(cache)
+            # each expert apart (Wan 2.2): its own counters, the options it runs, the steps it ran
+            per_transformer[component] = {
+                "family": acc.family.name,
+                "class": type(acc.transformer).__name__,
+                "overall": mine.as_dict(mine_cache),
+                "forwards": acc.forwards,
+                "steps": list(acc.steps),
+                "config": acc.config.to_dict(),
+            }
         first = next(iter(self._accelerators.values()))
         totals = overall.as_dict(cache_total)
         totals["cache_bytes_peak"] = first.ledger.peak  # one ledger for all: the true simultaneous peak
@@ -75,6 +89,7 @@ class AccelHandle:
             "kernel_backend": backend_for(param.device if param is not None else "cpu"),
             "overall": totals,
             "steps_backwards": sum(acc.tracker.steps_backwards for acc in self._accelerators.values()),
+            "transformers": per_transformer,
             "sites": sites,
             "context_parallel": describe(device),  # None single-process; else stats are this rank's heads
         }
@@ -122,8 +137,58 @@ def _family_name(transformer: torch.nn.Module) -> str | None:
     return family.name if family is not None else None
 
 
+#: what a ``per_transformer`` entry may set: any option of ``accelerate`` and the method itself
+PER_TRANSFORMER_OPTIONS: tuple[str, ...] = tuple(sorted({*ALLOWED, "method"}))
+
+
+def _per_transformer_configs(
+    cfg: AccelConfig, per_transformer: Mapping[str, Mapping[str, Any]] | None, components: list[str]
+) -> dict[str, AccelConfig]:
+    """The config of each component: ``cfg``, changed by its ``per_transformer`` entry (validated here, before
+    anything is installed, so a typo never leaves one expert accelerated with the shared options)."""
+    if per_transformer is None:
+        return {name: cfg for name in components}
+    if not isinstance(per_transformer, Mapping):
+        raise ValueError(
+            f"per_transformer={per_transformer!r} must be a dict from a transformer component name "
+            f"({', '.join(components)}) to a dict of options"
+        )
+    unknown = sorted(set(per_transformer) - set(components), key=str)
+    if unknown:
+        raise ValueError(
+            f"per_transformer names {', '.join(map(repr, unknown))}, which this pipeline has no supported "
+            f"transformer for; allowed: {', '.join(components)}"
+        )
+    out: dict[str, AccelConfig] = {}
+    for name in components:
+        entry = per_transformer.get(name)
+        if entry is None:
+            out[name] = cfg
+            continue
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"per_transformer[{name!r}]={entry!r} must be a dict of options")
+        bad = sorted(set(entry) - set(PER_TRANSFORMER_OPTIONS), key=str)
+        if bad:
+            raise ValueError(
+                f"per_transformer[{name!r}] has unknown option(s) {', '.join(map(repr, bad))}; "
+                f"allowed: {', '.join(PER_TRANSFORMER_OPTIONS)}"
+            )
+        entry = dict(entry)
+        method = entry.pop("method", cfg.method)
+        try:
+            out[name] = resolve_config(method, cfg, **entry)
+        except ValueError as exc:
+            raise ValueError(f"per_transformer[{name!r}]: {exc}") from exc
+    return out
+
+
 def accelerate(
-    pipe: Any, method: str | None = None, *, config: AccelConfig | None = None, **options: Any
+    pipe: Any,
+    method: str | None = None,
+    *,
+    config: AccelConfig | None = None,
+    per_transformer: Mapping[str, Mapping[str, Any]] | None = None,
+    **options: Any,
 ) -> AccelHandle:
     """Replace dense self-attention in ``pipe`` with step-aware sparse attention.
 
@@ -131,6 +196,12 @@ def accelerate(
         pipe: a diffusers pipeline, or a bare transformer (then pass ``num_steps`` for step-based schedules).
         method: a name from ``dit_accel.METHODS``; None uses the project's default preset.
         config: a base :class:`AccelConfig`; ``options`` override its fields.
+        per_transformer: options for one transformer component only, over the shared ones, e.g. for Wan 2.2's
+            two experts ``{"transformer_2": {"sparsity": 0.8}}`` (any option below, or ``method``). Keys are the
+            pipeline's component names (``stats()["transformers"]`` lists them); an unknown name or option is a
+            ``ValueError``. Step options count the pipeline's global denoising step for every expert: the
+            low-noise expert of Wan 2.2 starts at step k, so ``dense_steps=2`` keeps steps 0 and 1 dense,
+            whichever expert runs them.
         **options: any :class:`AccelConfig` field, such as ``sparsity=0.9`` or ``dense_layers="0,1"``.
 
     Calling it again on an accelerated pipeline replaces the earlier installation (its handle goes inactive).
@@ -154,8 +225,11 @@ def accelerate(
     # the scheduler is read from the pipeline at every forward: `pipe.scheduler = X.from_config(...)` is common
     scheduler_source = _scheduler_source(pipe) if scheduler is not None else None
     # a paper's schedule is set per model: each transformer runs the preset's schedule for its family
-    configs = {name: cfg.for_family(_family_name(t)) for name, t in transformers.items()}
+    chosen = _per_transformer_configs(cfg, per_transformer, list(transformers))
+    configs = {name: chosen[name].for_family(_family_name(t)) for name, t in transformers.items()}
     for run_cfg in configs.values():
+        if run_cfg.dense_backend == "xformers" and not xformers_available():  # a per_transformer entry's too
+            raise ValueError("dense_backend='xformers' needs xformers: pip install 'dit-accel[xformers]'")
         if scheduler is None and run_cfg.num_steps is None and isinstance(run_cfg.dense_steps, float):
             if run_cfg.dense_steps > 0:
                 raise ValueError(

@@ -195,6 +195,9 @@ class Accelerator:
         self._op_id: int | None = None  # how the compile-path custom ops reach this accelerator
         self._token: torch.Tensor | None = None  # begin_forward's token in a compiled forward, for the sites
         self._ended: torch.Tensor | None = None  # end_forward's result: kept as a graph output, so never pruned
+        self.forwards = 0  # transformer forwards since install
+        self._steps: list[int] = []  # distinct step indices of the latest generation, in the order first seen
+        self._steps_generation = -1
 
     @property
     def method(self) -> Method:
@@ -277,9 +280,23 @@ class Accelerator:
         elif timestep is not None and not isinstance(timestep, torch.Tensor):
             timestep = float(timestep) * self.family.timestep_scale
         generation = self.tracker.state.generation
-        self.tracker.begin(timestep, context, layout)
-        if self.tracker.state.generation != generation:
+        state = self.tracker.begin(timestep, context, layout)
+        if state.generation != generation:
             self.group.new_generation()
+        self._note_step(state.generation, state.step)
+
+    def _note_step(self, generation: int, step: int) -> None:
+        self.forwards += 1
+        if generation != self._steps_generation:
+            self._steps_generation, self._steps = generation, []
+        if step not in self._steps:
+            self._steps.append(step)
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """The global denoising steps this transformer ran in its latest generation (a Wan 2.2 expert runs only
+        its share of them: the low-noise one starts at the boundary step, not 0)."""
+        return tuple(self._steps)
 
     @torch.compiler.disable
     def end_forward(self) -> None:

@@ -65,27 +65,42 @@ def _padded_mask(tokens: int, real: int) -> torch.Tensor:
     return mask
 
 
-def _wan(seed: int, image_to_video: bool = False) -> tuple[Any, dict[str, Any]]:
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+def _wan_vae() -> Any:
+    from diffusers import AutoencoderKLWan
 
-    torch.manual_seed(seed)
-    vae = AutoencoderKLWan(
+    return AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=36 if image_to_video else 16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=64,
-    )
+
+
+#: the tiny Wan-style transformer's shape, shared by the Wan, VACE, Animate and SkyReels-V2 builders
+_WAN_DIMS: dict[str, Any] = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=64,
+)
+
+
+def _wan_transformer(in_channels: int = 16) -> Any:
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(in_channels=in_channels, **_WAN_DIMS)
+
+
+def _wan(seed: int, image_to_video: bool = False) -> tuple[Any, dict[str, Any]]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    vae = _wan_vae()
+    transformer = _wan_transformer(36 if image_to_video else 16)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
     kwargs: dict[str, Any] = dict(
         prompt_embeds=_embeds(seed + 1, 1, 16, 32),
@@ -113,6 +128,164 @@ def _wan(seed: int, image_to_video: bool = False) -> tuple[Any, dict[str, Any]]:
 
 def _wan_i2v(seed: int) -> tuple[Any, dict[str, Any]]:
     return _wan(seed, image_to_video=True)
+
+
+#: Wan 2.2's boundary in the tiny two-expert pipeline: with shift 7 and 4 steps the timesteps are about
+#: 1000, 934, 781, 47, so the high-noise ``transformer`` runs steps 0-1 (t >= 875) and ``transformer_2`` steps 2-3
+WAN22_BOUNDARY_RATIO = 0.875
+
+
+def _wan22(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Wan 2.2 A14B's layout: two experts of one architecture, switched at ``boundary_ratio`` of the timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(seed)
+    vae = _wan_vae()
+    transformer = _wan_transformer()
+    transformer_2 = _wan_transformer()  # other random weights: the experts must not be interchangeable
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=WAN22_BOUNDARY_RATIO,
+    )
+    return pipe, _wan_call(seed, num_inference_steps=4, guidance_scale_2=3.0)
+
+
+def _wan_call(seed: int, **extra: Any) -> dict[str, Any]:
+    """Call arguments of the Wan-style pipelines: 128 x 256 pixels (16 x 32 latent, 8 x 16 after patchify: not
+    square, so a grid with rows and columns swapped fails), 5 frames (2 latent frames): 256 tokens, 4 key blocks
+    (few pixels: the VAE encodes the control and pose videos on the CPU)."""
+    out: dict[str, Any] = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 32),
+        negative_prompt_embeds=_embeds(seed + 2, 1, 16, 32),
+        height=128,
+        width=256,
+        num_frames=5,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        output_type="latent",
+    )
+    out.update(extra)
+    return out
+
+
+def _wan_vace(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Wan VACE: the main blocks and the VACE blocks (control hints) both run self-attention over the video."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = WanVACETransformer3DModel(in_channels=16, vace_layers=[0, 1], vace_in_channels=96, **_WAN_DIMS)
+    pipe = WanVACEPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer,
+    )
+    video = [_pil(seed + 3 + i, 256, 128) for i in range(5)]
+    return pipe, _wan_call(seed, video=video)
+
+
+def _pil(seed: int, width: int, height: int) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (height, width, 3), generator=_gen(seed), dtype=torch.uint8).numpy()
+    return Image.fromarray(np.ascontiguousarray(pixels))
+
+
+def _wan_animate(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Wan Animate: blocks.*.attn1 is video self-attention; the face adapter's attention is cross-attention from
+    each frame's video tokens to that frame's motion tokens (not hooked). CLIP features come as ``image_embeds``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    dims = dict(_WAN_DIMS, out_channels=16)
+    transformer = WanAnimateTransformer3DModel(
+        in_channels=36,
+        latent_channels=16,
+        image_dim=8,
+        motion_encoder_channel_sizes={"4": 4, "8": 4, "16": 4},
+        motion_encoder_size=16,
+        motion_style_dim=8,
+        motion_dim=4,
+        motion_encoder_dim=8,
+        face_encoder_hidden_dim=8,
+        face_encoder_num_heads=2,
+        inject_face_latents_blocks=1,
+        motion_encoder_batch_size=4,
+        **dims,
+    )
+    # the pipeline refuses ``image_embeds`` next to ``image`` and needs ``image`` for the reference latents, so
+    # the CLIP features come from a tiny random CLIP vision tower (its second-to-last hidden states, 8 wide)
+    encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        )
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = WanAnimatePipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        image_processor=processor,
+        image_encoder=encoder,
+        transformer=transformer,
+    )
+    # 9 frames at 64 x 256: 3 latent frames and the reference image's, 4 x 4 x 16 = 256 tokens (4 key blocks)
+    kwargs = _wan_call(
+        seed,
+        height=64,
+        image=_pil(seed + 3, 256, 64),
+        pose_video=[_pil(seed + 4 + i, 256, 64) for i in range(9)],
+        face_video=[_pil(seed + 20 + i, 16, 16) for i in range(9)],
+        segment_frame_length=9,
+        prev_segment_conditioning_frames=1,
+    )
+    kwargs.pop("num_frames")  # Animate's length is the pose video's
+    return pipe, kwargs
+
+
+def _skyreels_transformer(num_frame_per_block: int = 1) -> Any:
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    return SkyReelsV2Transformer3DModel(in_channels=16, num_frame_per_block=num_frame_per_block, **_WAN_DIMS)
+
+
+def _skyreels_v2(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import SkyReelsV2Pipeline, UniPCMultistepScheduler
+
+    torch.manual_seed(seed)
+    pipe = SkyReelsV2Pipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_wan_vae(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0),
+        transformer=_skyreels_transformer(),
+    )
+    return pipe, _wan_call(seed)
+
+
+def _skyreels_v2_df(seed: int) -> tuple[Any, dict[str, Any]]:
+    """SkyReels-V2 diffusion forcing, synchronous (``ar_step=0``): one timestep per latent frame, all equal."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+
+    torch.manual_seed(seed)
+    pipe = SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_wan_vae(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0),
+        transformer=_skyreels_transformer(),
+    )
+    return pipe, _wan_call(seed, prompt=None, base_num_frames=5)
 
 
 def _cogvideox(seed: int) -> tuple[Any, dict[str, Any]]:
@@ -374,14 +547,60 @@ def _flux(seed: int) -> tuple[Any, dict[str, Any]]:
     return pipe, kwargs
 
 
+def _flux2(seed: int) -> tuple[Any, dict[str, Any]]:
+    """Flux 2: joint attention, text first; 64 x 128 pixels pack into a 16 x 32 token grid (4-column img ids)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        timestep_guidance_channels=32,
+        mlp_ratio=1.0,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 4),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        sample_size=32,
+    )
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 32),
+        height=64,
+        width=128,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
 TINY_FAMILIES: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "wan": _wan,
     "wan_i2v": _wan_i2v,
+    "wan22": _wan22,
     "cogvideox": _cogvideox,
     "hunyuan_video": _hunyuan_video,
     "ltx_video": _ltx_video,
     "pixart": _pixart,
     "flux": _flux,
+    "wan_vace": _wan_vace,
+    "wan_animate": _wan_animate,
+    "skyreels_v2": _skyreels_v2,
+    "skyreels_v2_df": _skyreels_v2_df,
+    "flux2": _flux2,
 }
 
 

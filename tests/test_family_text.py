@@ -17,7 +17,7 @@ import torch
 import dit_accel
 from dit_accel.testing import tiny_pipeline
 
-JOINT = ("cogvideox", "hunyuan_video", "flux")
+JOINT = ("cogvideox", "hunyuan_video", "flux", "flux2")
 
 
 def _first_call(pipe, kwargs, flip: bool = False) -> tuple[torch.Tensor, object]:

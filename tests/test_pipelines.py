@@ -11,6 +11,19 @@ from dit_accel.testing import tiny_pipeline
 
 FAMILIES = ["wan", "wan_i2v", "cogvideox", "hunyuan_video", "ltx_video", "pixart", "flux"]
 EXPECTED_SITES = {"wan": 2, "wan_i2v": 2, "cogvideox": 2, "hunyuan_video": 2, "ltx_video": 2, "pixart": 2, "flux": 2}
+# Wan 2.2 (two experts), Wan VACE, Wan Animate, SkyReels-V2 (plain and diffusion forcing), Flux 2
+FAMILIES += ["wan22", "wan_vace", "wan_animate", "skyreels_v2", "skyreels_v2_df", "flux2"]
+EXPECTED_SITES.update(wan22=4, wan_vace=4, wan_animate=2, skyreels_v2=2, skyreels_v2_df=2, flux2=2)
+#: the self-attention modules each newer family hooks, by name: VACE's control blocks too, never Animate's face
+#: adapter (cross-attention to motion tokens) nor any attn2
+SITE_NAMES = {
+    "wan22": [f"{c}.blocks.{i}.attn1" for c in ("transformer", "transformer_2") for i in range(2)],
+    "wan_vace": [f"transformer.{b}.{i}.attn1" for b in ("blocks", "vace_blocks") for i in range(2)],
+    "wan_animate": ["transformer.blocks.0.attn1", "transformer.blocks.1.attn1"],
+    "skyreels_v2": ["transformer.blocks.0.attn1", "transformer.blocks.1.attn1"],
+    "skyreels_v2_df": ["transformer.blocks.0.attn1", "transformer.blocks.1.attn1"],
+    "flux2": ["transformer.transformer_blocks.0.attn", "transformer.single_transformer_blocks.0.attn"],
+}
 
 
 def run(pipe, kwargs, seed=0):
@@ -51,8 +64,11 @@ def test_blocktopk_runs_at_requested_density(family_pipe):
     video = overall["video_block_density"]
     # video query blocks keep round(0.25 * n_k) of n_k key blocks (text columns count among them)
     assert video == pytest.approx(0.25, abs=0.05)
-    if family in ("cogvideox", "hunyuan_video", "flux"):
+    if family in ("cogvideox", "hunyuan_video", "flux", "flux2"):
         assert overall["block_density"] > video  # text rows stay dense
+    if family in SITE_NAMES:
+        assert list(stats["sites"]) == SITE_NAMES[family]
+        assert all(site["sparse_calls"] > 0 for site in stats["sites"].values())  # each reached the interception
     assert torch.equal(run(pipe, kwargs), base)
 
 
@@ -99,7 +115,7 @@ def test_density_scales_with_sparsity():
     assert densities[1] == pytest.approx(max(1, round(0.1 * n_k)) / n_k)
 
 
-@pytest.mark.parametrize("family", ["cogvideox", "hunyuan_video", "flux"])
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuan_video", "flux", "flux2"])
 def test_joint_attention_without_a_layout_stays_dense(family):
     # bug: with no token layout the text tokens of joint attention were sparsified like video tokens
     import dataclasses

@@ -138,7 +138,10 @@ def _flux_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int,
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("wan", ("WanTransformer3DModel", "WanVACETransformer3DModel"), r"blocks\.\d+\.attn1", _wan_grid),
+    Family("wan", ("WanTransformer3DModel",), r"blocks\.\d+\.attn1", _wan_grid),
+    # VACE: the control blocks' attn1 is self-attention over the control tokens, laid out on the video's grid
+    # (padded with zeros to its length), so they are sites too, after the main blocks in site order
+    Family("wan_vace", ("WanVACETransformer3DModel",), r"(blocks|vace_blocks)\.\d+\.attn1", _wan_grid),
     Family(
         "cogvideox",
         ("CogVideoXTransformer3DModel",),
@@ -158,6 +161,21 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "flux",
         ("FluxTransformer2DModel",),
+        r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn",
+        _flux_grid,
+        text_first=True,
+        timestep_scale=1000.0,
+    ),
+    # Animate: attn1 is video self-attention; face_adapter.* attends from each frame's tokens to that frame's
+    # motion tokens (cross-attention) and the pose latents are added to the video tokens before the blocks
+    Family("wan_animate", ("WanAnimateTransformer3DModel",), r"blocks\.\d+\.attn1", _wan_grid),
+    # SkyReels-V2: Wan's layout; with num_frame_per_block > 1 (diffusion forcing's causal blocks) attn1 gets a
+    # boolean block-causal (1, 1, N, N) mask, which is not key padding, so those calls stay dense (attn_mask)
+    Family("skyreels_v2", ("SkyReelsV2Transformer3DModel",), r"blocks\.\d+\.attn1", _wan_grid),
+    # Flux 2: joint attention with the text first in both block kinds; img ids are (T, H, W, L), read as Flux's
+    Family(
+        "flux2",
+        ("Flux2Transformer2DModel",),
         r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn",
         _flux_grid,
         text_first=True,
