@@ -286,9 +286,7 @@ class SiteCore:
             )  # fmt: skip
         if reason is None:
             reason = dense_reason(group.config, self.index, q.shape[-2], state)
-        layout = state.layout
-        if layout is not None and layout.total_tokens != q.shape[-2]:
-            layout = None
+        layout = state.layout.for_tokens(q.shape[-2]) if state.layout is not None else None
         if reason is None and layout is None and group.text_tokens:
             reason = "no_layout"  # text tokens somewhere in the sequence: a pattern would not keep them dense
         call = None

@@ -74,3 +74,47 @@ def test_a_family_with_its_text_side_flipped_fails_the_check(family):
     pipe, kwargs = tiny_pipeline(family)
     q0, layout = _first_call(pipe, kwargs, flip=True)
     assert _text_rows(layout, q0.shape[2]) != _text_rows_of_the_model(pipe, kwargs, q0)
+
+
+def _mochi_calls(pipe, kwargs, seed: int, flip: bool = False) -> list[tuple[torch.Tensor, object]]:
+    """q and the per-call layout of the calls of the first site in the first forward of a Mochi run (one call
+    per sample; two steps, as Mochi's sigma schedule needs)."""
+    handle = dit_accel.accelerate(pipe, "blocktopk", min_tokens=64)
+    acc = handle.accelerators["transformer"]
+    if flip:
+        acc.family = dataclasses.replace(acc.family, text_first=not acc.family.text_first)
+    site = acc.sites[0]
+    seen: list[tuple[torch.Tensor, object]] = []
+    attend = site.attend
+
+    def spied(q, k, v, *, state, **rest):
+        layout = state.layout.for_tokens(q.shape[-2]) if state.layout is not None else None
+        seen.append((q.detach().clone(), layout))
+        return attend(q, k, v, state=state, **rest)
+
+    site.attend = spied  # this instance only
+    try:
+        pipe(**dict(kwargs, num_inference_steps=2), generator=torch.Generator().manual_seed(seed))
+    finally:
+        handle.remove()
+    return seen[:2]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_mochi_names_each_samples_text_rows(flip):
+    """Mochi drops each sample's padded prompt tokens and calls SDPA once per sample, so the negative prompt's
+    call holds 3 text rows and the prompt's 11. Here the text rows are found as the rows of q that do not move
+    when the noise changes (Mochi's timestep embedding pools the text, so every row moves with the prompt); the
+    layout of each call must name exactly them, and with the text side planted the wrong way round it must not."""
+    pipe, kwargs = tiny_pipeline("mochi")
+    first = _mochi_calls(pipe, kwargs, seed=0, flip=flip)
+    other = _mochi_calls(pipe, kwargs, seed=1)
+    assert len(first) == len(other) == 2  # classifier-free guidance: negative, then positive sample
+    video = 3 * 16 * 16
+    for (q0, layout), (q1, _), real in zip(first, other, (3, 11)):
+        assert q0.shape[2] == video + real
+        unchanged = (q0 - q1).abs().amax(dim=(0, 1, 3)) <= 1e-6
+        text = {int(i) for i in unchanged.nonzero().flatten()}
+        assert len(text) == real
+        assert layout is not None and layout.text_tokens == real
+        assert (_text_rows(layout, q0.shape[2]) == text) is not flip

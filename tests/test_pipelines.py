@@ -9,8 +9,14 @@ import torch
 import dit_accel
 from dit_accel.testing import tiny_pipeline
 
-FAMILIES = ["wan", "wan_i2v", "cogvideox", "hunyuan_video", "ltx_video", "pixart", "flux"]
-EXPECTED_SITES = {"wan": 2, "wan_i2v": 2, "cogvideox": 2, "hunyuan_video": 2, "ltx_video": 2, "pixart": 2, "flux": 2}
+FAMILIES = [
+    "wan", "wan_i2v", "cogvideox", "hunyuan_video", "ltx_video", "pixart", "flux", "cosmos", "mochi", "ltx2_video",
+]  # fmt: skip
+EXPECTED_SITES = {
+    "wan": 2, "wan_i2v": 2, "cogvideox": 2, "hunyuan_video": 2, "ltx_video": 2, "pixart": 2, "flux": 2,
+    "cosmos": 2, "mochi": 2, "ltx2_video": 2,
+}  # fmt: skip
+JOINT = ("cogvideox", "hunyuan_video", "flux", "mochi")
 
 
 def run(pipe, kwargs, seed=0):
@@ -51,7 +57,7 @@ def test_blocktopk_runs_at_requested_density(family_pipe):
     video = overall["video_block_density"]
     # video query blocks keep round(0.25 * n_k) of n_k key blocks (text columns count among them)
     assert video == pytest.approx(0.25, abs=0.05)
-    if family in ("cogvideox", "hunyuan_video", "flux"):
+    if family in JOINT:
         assert overall["block_density"] > video  # text rows stay dense
     assert torch.equal(run(pipe, kwargs), base)
 
@@ -99,7 +105,7 @@ def test_density_scales_with_sparsity():
     assert densities[1] == pytest.approx(max(1, round(0.1 * n_k)) / n_k)
 
 
-@pytest.mark.parametrize("family", ["cogvideox", "hunyuan_video", "flux"])
+@pytest.mark.parametrize("family", JOINT)
 def test_joint_attention_without_a_layout_stays_dense(family):
     # bug: with no token layout the text tokens of joint attention were sparsified like video tokens
     import dataclasses
