@@ -489,8 +489,9 @@ def _mochi(seed: int) -> tuple[Any, dict[str, Any]]:
     pipe = MochiPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
     )
-    # 13 frames at 256 x 256 -> latents (3, 32, 32) -> 3 x 16 x 16 = 768 video tokens (patch 2, no temporal patch). The prompt keeps 11 of 16 tokens, the negative 3: the
-    # processor drops the padded ones before each sample's own SDPA call, so the two calls differ in length.
+    # 13 frames at 256 x 256 -> latents (3, 32, 32) -> 3 x 16 x 16 = 768 video tokens (patch 2, no temporal
+    # patch). The prompt keeps 11 of 16 tokens, the negative 3: the processor drops the padded ones before each
+    # sample's own SDPA call, so the two calls differ in length.
     kwargs = dict(
         prompt_embeds=_embeds(seed + 1, 1, 16, 32),
         prompt_attention_mask=_padded_mask(16, 11),
