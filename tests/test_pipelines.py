@@ -62,6 +62,25 @@ def test_blocktopk_runs_at_requested_density(family_pipe):
     assert torch.equal(run(pipe, kwargs), base)
 
 
+def test_timestep_scale_gives_the_schedulers_timesteps(family_pipe):
+    """The step is found by matching the forward's timestep (times the family's scale) against
+    ``scheduler.timesteps`` when no cache context names it (Cosmos opens none): every forward must match one."""
+    from dit_accel.pipelines.families import find_family
+
+    family, pipe, kwargs, base = family_pipe
+    scale = find_family(pipe.transformer).timestep_scale
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(float(kw["timestep"].flatten()[0]) * scale), with_kwargs=True
+    )
+    try:
+        run(pipe, kwargs)
+    finally:
+        hook.remove()
+    timesteps = pipe.scheduler.timesteps.tolist()
+    assert seen and all(min(abs(t - s) for s in timesteps) <= 1e-3 * max(1.0, abs(t)) for t in seen), (seen, timesteps)
+
+
 def test_only_self_attention_is_intercepted():
     pipe, kwargs = tiny_pipeline("wan")
     handle = dit_accel.accelerate(pipe, "blocktopk", min_tokens=64)
