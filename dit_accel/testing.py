@@ -645,6 +645,75 @@ def _ltx2_video(seed: int) -> tuple[Any, dict[str, Any]]:
     return pipe, kwargs
 
 
+def _hunyuan_video15(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9,  # text-to-video: latents, conditioning latents (zeros) and their mask channel
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=16,
+        text_embed_2_dim=32,
+        image_embed_dim=12,
+        rope_axes_dim=(4, 6, 6),
+        target_size=16,
+        task_type="t2v",
+    )
+    vae = AutoencoderKLHunyuanVideo15(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=2,
+        downsample_match_channel=False,
+        upsample_match_channel=False,
+    )
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=None,
+        tokenizer_2=None,
+        guider=ClassifierFreeGuidance(guidance_scale=4.0),
+    )
+    # 3 frames at 64 x 64 -> latents (2, 16, 16): 512 video tokens, then per sample the pipeline's 729 image
+    # tokens (all zeros and masked out in text-to-video), 8 ByT5 tokens (5 real) and 16 MLLM tokens (11 real);
+    # two steps, as the 1,265-token calls are the slowest of the tiny families on the CPU reference kernels.
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 16),
+        prompt_embeds_mask=_padded_mask(16, 11),
+        negative_prompt_embeds=_embeds(seed + 2, 1, 16, 16),
+        negative_prompt_embeds_mask=_padded_mask(16, 3),
+        prompt_embeds_2=_embeds(seed + 3, 1, 8, 32),
+        prompt_embeds_mask_2=_padded_mask(8, 5),
+        negative_prompt_embeds_2=_embeds(seed + 4, 1, 8, 32),
+        negative_prompt_embeds_mask_2=_padded_mask(8, 2),
+        height=64,
+        width=64,
+        num_frames=3,
+        num_inference_steps=2,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
 TINY_FAMILIES: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "wan": _wan,
     "wan_i2v": _wan_i2v,
@@ -656,6 +725,7 @@ TINY_FAMILIES: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "cosmos": _cosmos,
     "mochi": _mochi,
     "ltx2_video": _ltx2_video,
+    "hunyuan_video15": _hunyuan_video15,
 }
 
 

@@ -2,7 +2,8 @@
 
 The tiny pipelines run at a non-square size (so a grid with rows and columns swapped fails) and the grid the
 layout carries into the first self-attention call is compared with the shape the model itself builds: Cosmos's
-patch embedding output (B, T, H, W, C), Mochi's RoPE arguments (frames, rows, cols), and for LTX-2 the
+patch embedding output (B, T, H, W, C), HunyuanVideo 1.5's patch convolution output (B, C, T, H, W), Mochi's
+RoPE arguments (frames, rows, cols), and for LTX-2 the
 per-token patch coordinates the pipeline hands the transformer (their distinct values per axis, and the raster
 order the layout assumes: frame-major, then rows, then columns).
 """
@@ -22,6 +23,7 @@ SIZES = {
     "cosmos": ((128, 64), (3, 16, 8)),  # 9 frames; VAE /4 in time and space, patch (1, 2, 2)
     "mochi": ((256, 128), (3, 16, 8)),  # 13 frames; VAE /6 in time, /8 in space, patch 2
     "ltx2_video": ((64, 32), (3, 32, 16)),  # 5 frames; VAE /2, patch 1; the pipeline wants multiples of 32
+    "hunyuan_video15": ((64, 32), (2, 16, 8)),  # 3 frames; VAE /2 in time, /4 in space, patch 1
 }
 
 
@@ -40,8 +42,13 @@ def _model_grid(family: str, pipe, seen: dict) -> list:
         seen.setdefault("coords", coords)
         seen.setdefault("model", tuple(int(axis.unique().numel()) for axis in coords))
 
+    def hunyuan15(mod, args, out) -> None:  # the patch convolution's output is (B, C, T, H, W)
+        seen.setdefault("model", tuple(out.shape[2:5]))
+
     if family == "cosmos":
         return [transformer.patch_embed.register_forward_hook(cosmos)]
+    if family == "hunyuan_video15":
+        return [transformer.x_embedder.proj.register_forward_hook(hunyuan15)]
     if family == "mochi":
         return [transformer.rope.register_forward_pre_hook(mochi)]
     return [transformer.register_forward_pre_hook(ltx2, with_kwargs=True)]

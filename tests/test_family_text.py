@@ -20,9 +20,9 @@ from dit_accel.testing import tiny_pipeline
 JOINT = ("cogvideox", "hunyuan_video", "flux")
 
 
-def _first_call(pipe, kwargs, flip: bool = False) -> tuple[torch.Tensor, object]:
+def _first_call(pipe, kwargs, flip: bool = False, seed: int = 0) -> tuple[torch.Tensor, object]:
     """q (B, H, N, D) and the layout of the first call of the first self-attention site (``flip``: with the
-    family adapter's text side planted the wrong way round)."""
+    family adapter's text side planted the wrong way round; ``seed``: of the noise)."""
     handle = dit_accel.accelerate(pipe, "blocktopk", min_tokens=64)
     acc = handle.accelerators["transformer"]
     if flip:
@@ -37,7 +37,7 @@ def _first_call(pipe, kwargs, flip: bool = False) -> tuple[torch.Tensor, object]
 
     site.attend = spied  # this instance only
     try:
-        pipe(**dict(kwargs, num_inference_steps=1), generator=torch.Generator().manual_seed(0))
+        pipe(**dict(kwargs, num_inference_steps=1), generator=torch.Generator().manual_seed(seed))
     finally:
         handle.remove()
     return seen[0]
@@ -118,3 +118,19 @@ def test_mochi_names_each_samples_text_rows(flip):
         assert len(text) == real
         assert layout is not None and layout.text_tokens == real
         assert (_text_rows(layout, q0.shape[2]) == text) is not flip
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_hunyuan15_layout_names_the_rows_the_noise_does_not_move(flip):
+    """HunyuanVideo 1.5 puts 753 text rows after the video: 729 image tokens (masked in text-to-video), 8 ByT5 and
+    16 MLLM tokens, padded ones included (its mask hides them). A changed prompt moves only the real MLLM rows, so
+    here the text rows are the rows of q the noise does not move; the layout must name exactly them, and with its
+    text side planted the wrong way round it must not."""
+    pipe, kwargs = tiny_pipeline("hunyuan_video15")
+    q0, layout = _first_call(pipe, kwargs, flip=flip)
+    q1, _ = _first_call(pipe, kwargs, seed=1)
+    unchanged = (q0 - q1).abs().amax(dim=(0, 1, 3)) <= 1e-6
+    text = {int(i) for i in unchanged.nonzero().flatten()}
+    assert len(text) == 729 + 8 + 16 and layout.text_tokens == len(text)
+    assert layout.grid[0] * layout.grid[1] * layout.grid[2] == q0.shape[2] - len(text)
+    assert (_text_rows(layout, q0.shape[2]) == text) is not flip

@@ -11,12 +11,13 @@ from dit_accel.testing import tiny_pipeline
 
 FAMILIES = [
     "wan", "wan_i2v", "cogvideox", "hunyuan_video", "ltx_video", "pixart", "flux", "cosmos", "mochi", "ltx2_video",
+    "hunyuan_video15",
 ]  # fmt: skip
 EXPECTED_SITES = {
     "wan": 2, "wan_i2v": 2, "cogvideox": 2, "hunyuan_video": 2, "ltx_video": 2, "pixart": 2, "flux": 2,
-    "cosmos": 2, "mochi": 2, "ltx2_video": 2,
+    "cosmos": 2, "mochi": 2, "ltx2_video": 2, "hunyuan_video15": 2,
 }  # fmt: skip
-JOINT = ("cogvideox", "hunyuan_video", "flux", "mochi")
+JOINT = ("cogvideox", "hunyuan_video", "flux", "mochi", "hunyuan_video15")
 
 
 def run(pipe, kwargs, seed=0):
