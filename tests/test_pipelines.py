@@ -139,3 +139,16 @@ def test_joint_attention_without_a_layout_stays_dense(family):
     handle.remove()
     assert stats["overall"]["sparse_calls"] == 0
     assert set(stats["overall"]["dense_reasons"]) == {"no_layout"}
+
+
+def test_mochi_samples_keep_their_own_pattern():
+    """Mochi calls SDPA once per sample (779 and 771 tokens here): each call order keeps its own per-branch state.
+    Before, the two shared one and every call refreshed for the shape change, so no call ever reused a pattern."""
+    pipe, kwargs = tiny_pipeline("mochi")
+    with dit_accel.accelerate(pipe, "rettention", min_tokens=64, dense_steps=1) as handle:
+        run(pipe, dict(kwargs, num_inference_steps=6))
+        overall = handle.stats()["overall"]
+    calls_per_step = 2 * 2  # sites x samples
+    assert overall["dense_calls"] == calls_per_step  # step 0
+    assert overall["refresh_calls"] == calls_per_step  # step 1: each (site, sample) builds its pattern once
+    assert overall["sparse_calls"] == 4 * calls_per_step  # steps 2-5 reuse it
