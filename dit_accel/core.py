@@ -207,6 +207,7 @@ class SiteCore:
         self.stats = SiteStats()
         self.branches: dict[str, BranchState] = {}
         self.held_bytes = 0  # what this site last reported to the ledger
+        self.calls_this_forward = 0  # calls since the group's last end_forward (per-sample calls, see branch_key)
 
     # -- state -------------------------------------------------------------------------------------------------
     def clear(self) -> None:
@@ -217,6 +218,16 @@ class SiteCore:
 
     def cache_bytes(self) -> int:
         return sum(branch.nbytes() for branch in self.branches.values())
+
+    def branch_key(self, state: DenoiseState) -> str:
+        """The per-branch state this call uses. A model that calls SDPA once per sample within one forward
+        (Mochi, whose layout reads its text per call) keeps one state per call order: else the samples, of
+        different lengths, would share one pattern and refresh at every call for the shape change."""
+        n = self.calls_this_forward
+        self.calls_this_forward += 1
+        if n == 0 or state.layout is None or not state.layout.text_per_call:
+            return state.branch
+        return f"{state.branch}#{n}"
 
     def account(self, call: SiteCall | None = None) -> None:
         """Report the bytes held now to the ledger and the site's peak; refuse past ``cache_budget_mb``."""
@@ -286,16 +297,15 @@ class SiteCore:
             )  # fmt: skip
         if reason is None:
             reason = dense_reason(group.config, self.index, q.shape[-2], state)
-        layout = state.layout
-        if layout is not None and layout.total_tokens != q.shape[-2]:
-            layout = None
+        layout = state.layout.for_tokens(q.shape[-2]) if state.layout is not None else None
+        branch = self.branch_key(state)  # every call counts, dense or not, so the order is the model's
         if reason is None and layout is None and group.text_tokens:
             reason = "no_layout"  # text tokens somewhere in the sequence: a pattern would not keep them dense
         call = None
         if reason is None:
             call = SiteCall(
                 q=q, k=k, v=v, scale=scale, config=group.config, state=state, layout=layout, site_index=self.index,
-                site_name=self.name, cache=self.branches.setdefault(state.branch, BranchState()),
+                site_name=self.name, cache=self.branches.setdefault(branch, BranchState()),
                 key_padding=key_padding,
             )  # fmt: skip
             reason = group.method.dense_reason(call)
@@ -376,9 +386,12 @@ class SiteGroup:
         """Drop every site's per-branch state: a new generation starts."""
         for site in self.sites:
             site.clear()
+            site.calls_this_forward = 0
 
     def end_forward(self) -> None:
         """Once per transformer forward: read the sites' pending drift measurements (one host sync at most)."""
+        for site in self.sites:
+            site.calls_this_forward = 0
         if self.config.refresh_drift > 0:
             resolve_drift(self.config, (b for site in self.sites for b in site.branches.values()))
 

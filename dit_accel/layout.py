@@ -7,7 +7,7 @@ block-dense; after a permutation into 3D tiles whose volume equals the kernel bl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,11 +30,14 @@ class TokenLayout:
         grid: (frames, rows, cols) of the video/image tokens after patchify.
         text_tokens: number of text tokens in the same sequence (joint attention), 0 otherwise.
         text_first: whether the text tokens come before the video tokens.
+        text_per_call: the text count is only known per attention call (Mochi drops each sample's padded prompt
+            tokens before SDPA, one call per sample): a call's tokens beyond the grid are its text.
     """
 
     grid: Grid
     text_tokens: int = 0
     text_first: bool = False
+    text_per_call: bool = False
 
     @property
     def video_tokens(self) -> int:
@@ -47,6 +50,14 @@ class TokenLayout:
     @property
     def video_start(self) -> int:
         return self.text_tokens if self.text_first else 0
+
+    def for_tokens(self, tokens: int) -> TokenLayout | None:
+        """This layout for a call of ``tokens`` tokens, or None when it does not describe that call."""
+        if tokens == self.total_tokens:
+            return self
+        if self.text_per_call and tokens >= self.video_tokens:
+            return replace(self, text_tokens=tokens - self.video_tokens)
+        return None
 
     def text_slice(self) -> slice:
         if self.text_first:

@@ -126,6 +126,19 @@ def bind_sdpa(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return bound
 
 
+def square_mask_row(mask: Any) -> Any:
+    """The first query row, (B, 1, 1, N), of a boolean (B, 1, N, N) mask a family builds as the outer product of a
+    key padding with itself (``Family.square_padding_mask``); any other mask is returned as it is.
+
+    A slice, so no host sync. The dense fallback still gets the full mask: the rows it hides (padded text queries)
+    only ever feed padded text tokens, which every later call hides as keys, so the video output is the same.
+    """
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1:
+        if mask.shape[2] == mask.shape[3] > 1:
+            return mask[:, :, :1, :]
+    return mask
+
+
 def xformers_dense(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     """Dense attention by xformers' memory-efficient kernel, or None when the call needs SDPA's features."""
     bound = bind_sdpa(args, kwargs)
@@ -263,9 +276,12 @@ class Accelerator:
                     return out
             return func(*args, **kwargs)
 
+        mask = bound.get("attn_mask")
+        if self.family.square_padding_mask:
+            mask = square_mask_row(mask)
         return site.attend(
             bound.get("query"), bound.get("key"), bound.get("value"), state=self.tracker.state, dense=dense,
-            scale=bound.get("scale"), attn_mask=bound.get("attn_mask"), is_causal=bool(bound.get("is_causal")),
+            scale=bound.get("scale"), attn_mask=mask, is_causal=bool(bound.get("is_causal")),
             dropout_p=bound.get("dropout_p") or 0.0, enable_gqa=bool(bound.get("enable_gqa")),
         )  # fmt: skip
 

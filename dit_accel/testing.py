@@ -26,7 +26,8 @@ HOST_SYNCS = {
 class HostSyncCounter(TorchFunctionMode):
     """Counts host-sync calls made inside it, by ``where`` (a label the caller sets around what it measures).
 
-    Calls from the PyTorch reference kernels (the CPU oracle; on CUDA the Triton kernels run) are left out.
+    Calls from the PyTorch reference kernels (the CPU oracle; on CUDA the Triton kernels run) and from the fused CPU
+    kernels (CPU tensors only, where a "sync" waits for nothing) are left out.
     """
 
     def __init__(self) -> None:
@@ -43,7 +44,7 @@ class HostSyncCounter(TorchFunctionMode):
 def _in_reference_kernels() -> bool:
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_filename.endswith(("kernels/reference.py", "kernels/masks.py")):
+        if frame.f_code.co_filename.endswith(("kernels/reference.py", "kernels/masks.py", "kernels/cpu.py")):
             return True
         frame = frame.f_back
     return False
@@ -587,6 +588,346 @@ def _flux2(seed: int) -> tuple[Any, dict[str, Any]]:
     return pipe, kwargs
 
 
+def _passthrough_safety_checker() -> Any:
+    """Cosmos pipelines refuse to run without a safety checker, and the real one (the ``cosmos_guardrail``
+    package) is a multi-GB model: this one passes every prompt and video through unchanged, which is all the
+    pipeline asks of it (``check_text_safety``, ``check_video_safety``, ``.to``)."""
+    from diffusers import ConfigMixin, ModelMixin
+
+    class PassThroughSafetyChecker(ModelMixin, ConfigMixin):
+        def __init__(self) -> None:
+            super().__init__()
+            # one parameter, so the pipeline can read this component's device and dtype like any model's
+            self._anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+        def check_text_safety(self, prompt: str) -> bool:
+            return True
+
+        def check_video_safety(self, video: Any) -> Any:
+            return video
+
+    return PassThroughSafetyChecker()
+
+
+def _cosmos(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import AutoencoderKLCosmos, CosmosTextToWorldPipeline, CosmosTransformer3DModel, EDMEulerScheduler
+
+    torch.manual_seed(seed)
+    transformer = CosmosTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        mlp_ratio=2,
+        text_embed_dim=32,
+        adaln_lora_dim=4,
+        max_size=(8, 64, 64),
+        patch_size=(1, 2, 2),
+        rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=False,  # True resizes the padding mask with torchvision, not a dependency here
+        extra_pos_embed_type="learnable",
+    )
+    vae = AutoencoderKLCosmos(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decode_block_out_channels=(8, 8, 8, 8),
+        attention_resolutions=(8,),
+        resolution=64,
+        num_layers=2,
+        patch_size=4,
+        patch_type="haar",
+        scaling_factor=1.0,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=4,
+    )
+    scheduler = EDMEulerScheduler(
+        sigma_min=0.002,
+        sigma_max=80,
+        sigma_data=0.5,
+        sigma_schedule="karras",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        rho=7.0,
+        final_sigmas_type="sigma_min",
+    )
+    pipe = CosmosTextToWorldPipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        safety_checker=_passthrough_safety_checker(),
+    )
+    # 9 frames at 128 x 128 -> latents (3, 32, 32) -> 3 x 16 x 16 = 768 video tokens
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 32),
+        negative_prompt_embeds=_embeds(seed + 2, 1, 16, 32),
+        height=128,
+        width=128,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
+def _mochi(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = MochiTransformer3DModel(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        pooled_projection_dim=16,
+        in_channels=12,
+        out_channels=None,
+        qk_norm="rms_norm",
+        text_embed_dim=32,
+        time_embed_dim=4,
+        activation_fn="swiglu",
+        max_sequence_length=16,
+    )
+    vae = AutoencoderKLMochi(
+        latent_channels=12,
+        out_channels=3,
+        encoder_block_out_channels=(32, 32, 32, 32),  # its group norms have 32 groups
+        decoder_block_out_channels=(32, 32, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 1),
+    )
+    pipe = MochiPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    # 13 frames at 256 x 256 -> latents (3, 32, 32) -> 3 x 16 x 16 = 768 video tokens (patch 2, no temporal
+    # patch). The prompt keeps 11 of 16 tokens, the negative 3: the processor drops the padded ones before each
+    # sample's own SDPA call, so the two calls differ in length.
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 32),
+        prompt_attention_mask=_padded_mask(16, 11),
+        negative_prompt_embeds=_embeds(seed + 2, 1, 16, 32),
+        negative_prompt_attention_mask=_padded_mask(16, 3),
+        height=256,
+        width=256,
+        num_frames=13,
+        num_inference_steps=3,
+        guidance_scale=4.5,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
+def _ltx2_video(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2Pipeline,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    torch.manual_seed(seed)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        cross_attention_dim=32,
+        audio_in_channels=4,
+        audio_out_channels=4,
+        audio_num_attention_heads=2,
+        audio_attention_head_dim=8,
+        audio_cross_attention_dim=16,
+        num_layers=2,
+        qk_norm="rms_norm_across_heads",
+        caption_channels=32,
+        rope_double_precision=False,
+        rope_type="split",
+    )
+    # the text connectors turn the text encoder's per-layer states (32 channels x 2 layers) into the video and
+    # audio prompt streams the transformer cross-attends to
+    connectors = LTX2TextConnectors(
+        caption_channels=32,
+        text_proj_in_factor=2,
+        video_connector_num_attention_heads=4,
+        video_connector_attention_head_dim=8,
+        video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=4,
+        audio_connector_attention_head_dim=8,
+        audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None,
+        connector_rope_base_seq_len=32,
+        rope_theta=10000.0,
+        rope_double_precision=False,
+        causal_temporal_positioning=False,
+        rope_type="split",
+    )
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        decoder_block_out_channels=(8,),
+        layers_per_block=(1,),
+        decoder_layers_per_block=(1, 1),
+        spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,),
+        decoder_inject_noise=(False, False),
+        downsample_type=("spatial",),
+        upsample_residual=(False,),
+        upsample_factor=(1,),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4,
+        output_channels=2,
+        ch_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=None,
+        in_channels=2,
+        resolution=32,
+        latent_channels=2,
+        norm_type="pixel",
+        causality_axis="height",
+        dropout=0.0,
+        mid_block_add_attention=False,
+        sample_rate=16000,
+        mel_hop_length=160,
+        is_causal=True,
+        mel_bins=8,
+    )
+    vocoder = LTX2Vocoder(
+        in_channels=2 * 8,
+        hidden_channels=32,
+        out_channels=2,
+        upsample_kernel_sizes=[4, 4],
+        upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3],
+        resnet_dilations=[[1, 3, 5]],
+        leaky_relu_negative_slope=0.1,
+        output_sampling_rate=16000,
+    )
+    pipe = LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        audio_vae=audio_vae,
+        text_encoder=None,
+        tokenizer=None,
+        connectors=connectors,
+        transformer=transformer,
+        vocoder=vocoder,
+    )
+    # 5 frames at 32 x 32 -> latents (3, 16, 16): 768 video tokens. Classifier-free guidance only (the LTX-2.0
+    # sampling knobs): spatio-temporal and modality guidance are off, so each step is one batched forward.
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 64),
+        prompt_attention_mask=_padded_mask(16, 11),
+        negative_prompt_embeds=_embeds(seed + 2, 1, 16, 64),
+        negative_prompt_attention_mask=_padded_mask(16, 3),
+        height=32,
+        width=32,
+        num_frames=5,
+        frame_rate=25.0,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        stg_scale=0.0,
+        modality_scale=1.0,
+        guidance_rescale=0.0,
+        audio_guidance_scale=3.0,
+        audio_stg_scale=0.0,
+        audio_modality_scale=1.0,
+        audio_guidance_rescale=0.0,
+        spatio_temporal_guidance_blocks=None,
+        use_cross_timestep=False,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
+def _hunyuan_video15(seed: int) -> tuple[Any, dict[str, Any]]:
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9,  # text-to-video: latents, conditioning latents (zeros) and their mask channel
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=16,
+        text_embed_2_dim=32,
+        image_embed_dim=12,
+        rope_axes_dim=(4, 6, 6),
+        target_size=16,
+        task_type="t2v",
+    )
+    vae = AutoencoderKLHunyuanVideo15(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=2,
+        downsample_match_channel=False,
+        upsample_match_channel=False,
+    )
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=None,
+        tokenizer_2=None,
+        guider=ClassifierFreeGuidance(guidance_scale=4.0),
+    )
+    # 3 frames at 64 x 64 -> latents (2, 16, 16): 512 video tokens, then per sample the pipeline's 729 image
+    # tokens (all zeros and masked out in text-to-video), 8 ByT5 tokens (5 real) and 16 MLLM tokens (11 real);
+    # two steps, as the 1,265-token calls are the slowest of the tiny families on the CPU reference kernels.
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 16, 16),
+        prompt_embeds_mask=_padded_mask(16, 11),
+        negative_prompt_embeds=_embeds(seed + 2, 1, 16, 16),
+        negative_prompt_embeds_mask=_padded_mask(16, 3),
+        prompt_embeds_2=_embeds(seed + 3, 1, 8, 32),
+        prompt_embeds_mask_2=_padded_mask(8, 5),
+        negative_prompt_embeds_2=_embeds(seed + 4, 1, 8, 32),
+        negative_prompt_embeds_mask_2=_padded_mask(8, 2),
+        height=64,
+        width=64,
+        num_frames=3,
+        num_inference_steps=2,
+        output_type="latent",
+    )
+    return pipe, kwargs
+
+
 TINY_FAMILIES: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "wan": _wan,
     "wan_i2v": _wan_i2v,
@@ -601,6 +942,10 @@ TINY_FAMILIES: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "skyreels_v2": _skyreels_v2,
     "skyreels_v2_df": _skyreels_v2_df,
     "flux2": _flux2,
+    "cosmos": _cosmos,
+    "mochi": _mochi,
+    "ltx2_video": _ltx2_video,
+    "hunyuan_video15": _hunyuan_video15,
 }
 
 

@@ -71,7 +71,21 @@ def test_no_host_sync_per_attention_call(method, options):
     assert added <= 3 * 6, (short, long)  # a fixed few per transformer forward (6 forwards more)
 
 
-@pytest.mark.parametrize("family", ["flux", "hunyuan_video", "cogvideox", "ltx_video", "pixart", "wan_i2v"])
+@pytest.mark.parametrize(
+    "family",
+    [
+        "flux",
+        "hunyuan_video",
+        "cogvideox",
+        "ltx_video",
+        "pixart",
+        "wan_i2v",
+        "cosmos",
+        "mochi",
+        "ltx2_video",
+        "hunyuan_video15",
+    ],
+)
 def test_host_syncs_per_forward_in_each_family(family):
     """Step matching (scheduler timesteps copied to the host once, not an argmin per forward) and layout reading
     (Flux's img_ids extent read once per generation) cost at most one sync per forward: the timestep's value."""

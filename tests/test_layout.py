@@ -41,3 +41,14 @@ def test_token_layout_text_positions():
     last = TokenLayout(grid=(2, 3, 4), text_tokens=5, text_first=False)
     assert last.text_token_mask()[24:].all() and not last.text_token_mask()[:24].any()
     assert last.block_has_text(16).tolist() == [False, True]
+
+
+def test_for_tokens_reads_the_text_count_per_call_only_when_asked():
+    from dit_accel.layout import TokenLayout
+
+    fixed = TokenLayout(grid=(2, 4, 4), text_tokens=16, text_first=False)
+    assert fixed.for_tokens(48) is fixed
+    assert fixed.for_tokens(40) is None  # a fixed text count that does not match: the layout does not apply
+    per_call = TokenLayout(grid=(2, 4, 4), text_tokens=16, text_first=False, text_per_call=True)
+    assert per_call.for_tokens(35).text_tokens == 3 and per_call.for_tokens(35).total_tokens == 35
+    assert per_call.for_tokens(31) is None  # fewer tokens than the grid: not this layout

@@ -9,8 +9,15 @@ import torch
 import dit_accel
 from dit_accel.testing import tiny_pipeline
 
-FAMILIES = ["wan", "wan_i2v", "cogvideox", "hunyuan_video", "ltx_video", "pixart", "flux"]
-EXPECTED_SITES = {"wan": 2, "wan_i2v": 2, "cogvideox": 2, "hunyuan_video": 2, "ltx_video": 2, "pixart": 2, "flux": 2}
+FAMILIES = [
+    "wan", "wan_i2v", "cogvideox", "hunyuan_video", "ltx_video", "pixart", "flux", "cosmos", "mochi", "ltx2_video",
+    "hunyuan_video15",
+]  # fmt: skip
+EXPECTED_SITES = {
+    "wan": 2, "wan_i2v": 2, "cogvideox": 2, "hunyuan_video": 2, "ltx_video": 2, "pixart": 2, "flux": 2,
+    "cosmos": 2, "mochi": 2, "ltx2_video": 2, "hunyuan_video15": 2,
+}  # fmt: skip
+JOINT = ("cogvideox", "hunyuan_video", "flux", "mochi", "hunyuan_video15", "flux2")
 # Wan 2.2 (two experts), Wan VACE, Wan Animate, SkyReels-V2 (plain and diffusion forcing), Flux 2
 FAMILIES += ["wan22", "wan_vace", "wan_animate", "skyreels_v2", "skyreels_v2_df", "flux2"]
 EXPECTED_SITES.update(wan22=4, wan_vace=4, wan_animate=2, skyreels_v2=2, skyreels_v2_df=2, flux2=2)
@@ -64,12 +71,31 @@ def test_blocktopk_runs_at_requested_density(family_pipe):
     video = overall["video_block_density"]
     # video query blocks keep round(0.25 * n_k) of n_k key blocks (text columns count among them)
     assert video == pytest.approx(0.25, abs=0.05)
-    if family in ("cogvideox", "hunyuan_video", "flux", "flux2"):
+    if family in JOINT:
         assert overall["block_density"] > video  # text rows stay dense
     if family in SITE_NAMES:
         assert list(stats["sites"]) == SITE_NAMES[family]
         assert all(site["sparse_calls"] > 0 for site in stats["sites"].values())  # each reached the interception
     assert torch.equal(run(pipe, kwargs), base)
+
+
+def test_timestep_scale_gives_the_schedulers_timesteps(family_pipe):
+    """The step is found by matching the forward's timestep (times the family's scale) against
+    ``scheduler.timesteps`` when no cache context names it (Cosmos opens none): every forward must match one."""
+    from dit_accel.pipelines.families import find_family
+
+    family, pipe, kwargs, base = family_pipe
+    scale = find_family(pipe.transformer).timestep_scale
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(float(kw["timestep"].flatten()[0]) * scale), with_kwargs=True
+    )
+    try:
+        run(pipe, kwargs)
+    finally:
+        hook.remove()
+    timesteps = pipe.scheduler.timesteps.tolist()
+    assert seen and all(min(abs(t - s) for s in timesteps) <= 1e-3 * max(1.0, abs(t)) for t in seen), (seen, timesteps)
 
 
 def test_only_self_attention_is_intercepted():
@@ -115,7 +141,7 @@ def test_density_scales_with_sparsity():
     assert densities[1] == pytest.approx(max(1, round(0.1 * n_k)) / n_k)
 
 
-@pytest.mark.parametrize("family", ["cogvideox", "hunyuan_video", "flux", "flux2"])
+@pytest.mark.parametrize("family", JOINT)
 def test_joint_attention_without_a_layout_stays_dense(family):
     # bug: with no token layout the text tokens of joint attention were sparsified like video tokens
     import dataclasses
@@ -129,3 +155,16 @@ def test_joint_attention_without_a_layout_stays_dense(family):
     handle.remove()
     assert stats["overall"]["sparse_calls"] == 0
     assert set(stats["overall"]["dense_reasons"]) == {"no_layout"}
+
+
+def test_mochi_samples_keep_their_own_pattern():
+    """Mochi calls SDPA once per sample (779 and 771 tokens here): each call order keeps its own per-branch state.
+    Before, the two shared one and every call refreshed for the shape change, so no call ever reused a pattern."""
+    pipe, kwargs = tiny_pipeline("mochi")
+    with dit_accel.accelerate(pipe, "rettention", min_tokens=64, dense_steps=1) as handle:
+        run(pipe, dict(kwargs, num_inference_steps=6))
+        overall = handle.stats()["overall"]
+    calls_per_step = 2 * 2  # sites x samples
+    assert overall["dense_calls"] == calls_per_step  # step 0
+    assert overall["refresh_calls"] == calls_per_step  # step 1: each (site, sample) builds its pattern once
+    assert overall["sparse_calls"] == 4 * calls_per_step  # steps 2-5 reuse it

@@ -106,10 +106,9 @@ def block_sparse_attention(
     mask = block_mask_from_lut(kv_indices, kv_counts, n, block_m=block_m, block_n=block_n, key_padding=key_padding)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     out, lse = _compiled_flex(q.device)(q, k, v, block_mask=mask, scale=scale, return_lse=True)
-    empty = torch.isneginf(lse) | torch.isnan(lse)  # a row with no key: 0 and -inf, as the reference
-    if bool(empty.any()):
-        out = out.masked_fill(empty[..., None], 0.0)
-        lse = lse.masked_fill(empty, float("-inf"))
+    empty = torch.isneginf(lse) | torch.isnan(lse)  # a row with no key: 0 and -inf, as the reference (no sync)
+    out = out.masked_fill(empty[..., None], 0.0)
+    lse = lse.masked_fill(empty, float("-inf"))
     return (out, lse.float()) if return_lse else out
 
 

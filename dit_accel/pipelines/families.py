@@ -32,6 +32,12 @@ class Family:
         grid: latent grid (frames, rows, cols) after patchify, from the forward's bound arguments.
         text_first: joint-attention text position; None when self-attention holds no text.
         timestep_scale: multiply the forward's timestep by this to compare with ``scheduler.timesteps``.
+        text_per_call: the text count differs per attention call (see ``TokenLayout.text_per_call``).
+        text_count: the joint-attention text count from the bound arguments, when it is not
+            ``encoder_hidden_states.shape[1]`` (HunyuanVideo 1.5 joins three text streams).
+        square_padding_mask: the processor hands SDPA a boolean (B, 1, N, N) mask that is the outer product of a
+            key padding with itself, and its first row is a video token (always valid): that row is the key
+            padding (HunyuanVideo 1.5 builds its mask so).
     """
 
     name: str
@@ -40,6 +46,9 @@ class Family:
     grid: GridFn
     text_first: bool | None = None
     timestep_scale: float = 1.0
+    text_per_call: bool = False
+    text_count: Callable[[dict[str, Any]], int] | None = None
+    square_padding_mask: bool = False
 
     def sites(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         pattern = re.compile(self.site_pattern)
@@ -57,10 +66,14 @@ class Family:
         if grid is None:
             return None
         text = 0
-        if self.text_first is not None:
+        if self.text_first is not None and self.text_count is not None:
+            text = self.text_count(bound)
+        elif self.text_first is not None:
             ehs = bound.get("encoder_hidden_states")
             text = int(ehs.shape[1]) if isinstance(ehs, torch.Tensor) else 0
-        return TokenLayout(grid=grid, text_tokens=text, text_first=bool(self.text_first))
+        return TokenLayout(
+            grid=grid, text_tokens=text, text_first=bool(self.text_first), text_per_call=self.text_per_call
+        )
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -137,6 +150,25 @@ def _flux_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int,
     return 1, rows, cols
 
 
+def _hunyuan15_text(bound: dict[str, Any]) -> int:
+    """HunyuanVideo 1.5 appends to the video, per sample, its image, ByT5 and MLLM tokens (valid ones first, then
+    the padded ones, which its mask hides): all of them sit in self-attention."""
+    total = 0
+    for name in ("image_embeds", "encoder_hidden_states_2", "encoder_hidden_states"):
+        value = bound.get(name)
+        total += int(value.shape[1]) if isinstance(value, torch.Tensor) and value.dim() == 3 else 0
+    return total
+
+
+def _mochi_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int] | None:
+    """Mochi patchifies each frame alone (no temporal patch): (frames, rows // p, cols // p)."""
+    hs = bound.get("hidden_states")
+    if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
+        return None
+    p = model.config.patch_size
+    return hs.shape[2], hs.shape[3] // p, hs.shape[4] // p
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("wan", ("WanTransformer3DModel",), r"blocks\.\d+\.attn1", _wan_grid),
     # VACE: the control blocks' attn1 is self-attention over the control tokens, laid out on the video's grid
@@ -180,6 +212,31 @@ FAMILIES: tuple[Family, ...] = (
         _flux_grid,
         text_first=True,
         timestep_scale=1000.0,
+    ),
+    # Cosmos: attn1 is video self-attention (no text in it); attn2 is cross-attention. patch_size is (t, h, w).
+    Family("cosmos", ("CosmosTransformer3DModel",), r"transformer_blocks\.\d+\.attn1", _wan_grid),
+    # Mochi: joint attention, text after video; each sample's padded prompt tokens are dropped before its own SDPA
+    # call, so the text count is read per call.
+    Family(
+        "mochi",
+        ("MochiTransformer3DModel",),
+        r"transformer_blocks\.\d+\.attn1",
+        _mochi_grid,
+        text_first=False,
+        text_per_call=True,
+    ),
+    # LTX-2: attn1 is video self-attention; audio_attn1 (audio self-attention), attn2 / audio_attn2 (text) and the
+    # audio<->video cross-attentions are left untouched. The grid comes from num_frames/height/width as in LTX.
+    Family("ltx2_video", ("LTX2VideoTransformer3DModel",), r"transformer_blocks\.\d+\.attn1", _ltx_grid),
+    # HunyuanVideo 1.5: one joint `attn` per block, text last; the token refiner's own attention is not a site.
+    Family(
+        "hunyuan_video15",
+        ("HunyuanVideo15Transformer3DModel",),
+        r"transformer_blocks\.\d+\.attn",
+        _hunyuan_grid,
+        text_first=False,
+        text_count=_hunyuan15_text,
+        square_padding_mask=True,
     ),
 )
 
