@@ -480,9 +480,18 @@ class ScheduleConfig(_Part):
             raise ValueError(f"reuse_pattern_every={self.reuse_pattern_every!r} must be >= 1 (1 rebuilds every step)")
 
     def dense_step_count(self, num_steps: int | None) -> int:
-        """How many leading steps stay dense for a generation of ``num_steps`` steps."""
+        """How many leading steps stay dense for a generation of ``num_steps`` steps.
+
+        A fraction strictly between 0 and 1 is rounded to the nearest count (Python's ``round``), then kept
+        between 1 and ``num_steps - 1``: it asks for a dense warm-up and for sparse steps, and few-step
+        schedules (4-8 steps, distilled LoRAs) would otherwise lose one or the other (10 % of 4 steps rounds to
+        0). A single-step generation stays dense. An int is a fixed count (it may cover every step).
+        """
         if isinstance(self.dense_steps, float):
             if num_steps is None:
                 return 0 if self.dense_steps == 0.0 else 1 << 30
-            return int(round(self.dense_steps * num_steps))
+            count = int(round(self.dense_steps * num_steps))
+            if 0.0 < self.dense_steps < 1.0 and num_steps > 0:
+                count = max(1, min(count, num_steps - 1))
+            return count
         return int(self.dense_steps)

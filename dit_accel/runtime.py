@@ -13,6 +13,7 @@ graph executes), so the compiled transformer is one graph with no break and no g
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from .kernels import ops
 from .methods import Method
 from .parallel import enter_forward
 from .pipelines.families import Family
+from .schedule import all_steps_dense
 from .state import StepTracker
 
 __all__ = ["Accelerator", "CacheLedger", "SiteEvent", "SiteStats", "bind_sdpa", "remove_hook", "xformers_dense"]
@@ -223,6 +225,7 @@ class Accelerator:
         self._token: torch.Tensor | None = None  # begin_forward's token in a compiled forward, for the sites
         self._ended: torch.Tensor | None = None  # end_forward's result: kept as a graph output, so never pruned
         self._seen: set[int] | None = None  # sites whose attention ran in the open forward (skipped = the rest)
+        self._warned_all_dense = False
 
     @property
     def method(self) -> Method:
@@ -314,6 +317,11 @@ class Accelerator:
         if self.tracker.state.generation != generation:
             self.group.new_generation()
         self._seen = set()
+        if not self._warned_all_dense:
+            message = all_steps_dense(self.config, self.tracker.state.num_steps)
+            if message is not None:
+                self._warned_all_dense = True
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     @torch.compiler.disable
     def end_forward(self) -> None:
