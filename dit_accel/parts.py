@@ -440,7 +440,8 @@ class ScheduleConfig(_Part):
     Every field applies to every pattern and compensation.
 
     Attributes:
-        dense_steps: steps kept dense at the start; an int count or a float fraction of the steps (1.0 = all).
+        dense_steps: steps kept dense at the start; an int count or a float fraction of the steps (1.0 = all; a
+            fraction in (0, 1) keeps 1 to ``num_steps - 1`` steps, so few-step runs keep a warm-up and sparse steps).
         dense_layers: attention sites (by layer index) kept dense; a list or a string like ``"0,1,28-29"``.
         min_tokens: sequences shorter than this stay dense (reason ``min_tokens``).
         num_steps: number of denoising steps when no scheduler tells it (bare transformers).
