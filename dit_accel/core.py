@@ -63,6 +63,9 @@ class SiteStats:
     pattern_reuses: int = 0
     adaptive_refreshes: int = 0
     cache_bytes_peak: int = 0
+    #: tracked transformer forwards in which this site's attention never ran: a step cache (diffusers'
+    #: FirstBlockCache, PyramidAttentionBroadcast, ...) skipped its block or reused its output
+    skipped_calls: int = 0
 
     def add(self, other: SiteStats) -> None:
         self.dense_calls += other.dense_calls
@@ -75,6 +78,7 @@ class SiteStats:
         self.pattern_builds += other.pattern_builds
         self.pattern_reuses += other.pattern_reuses
         self.adaptive_refreshes += other.adaptive_refreshes
+        self.skipped_calls += other.skipped_calls
         # cache_bytes_peak is not summed: per-site peaks need not coincide; totals read the CacheLedger's peak
 
     def as_dict(self, cache_bytes: int) -> dict[str, Any]:
@@ -93,6 +97,7 @@ class SiteStats:
             "pattern_reuses": self.pattern_reuses,
             "adaptive_refreshes": self.adaptive_refreshes,
             "cache_bytes_peak": self.cache_bytes_peak,
+            "skipped_calls": self.skipped_calls,
         }
 
 

@@ -440,7 +440,8 @@ class ScheduleConfig(_Part):
     Every field applies to every pattern and compensation.
 
     Attributes:
-        dense_steps: steps kept dense at the start; an int count or a float fraction of the steps (1.0 = all).
+        dense_steps: steps kept dense at the start; an int count or a float fraction of the steps (1.0 = all; a
+            fraction in (0, 1) keeps 1 to ``num_steps - 1`` steps, so few-step runs keep a warm-up and sparse steps).
         dense_layers: attention sites (by layer index) kept dense; a list or a string like ``"0,1,28-29"``.
         min_tokens: sequences shorter than this stay dense (reason ``min_tokens``).
         num_steps: number of denoising steps when no scheduler tells it (bare transformers).
@@ -480,9 +481,18 @@ class ScheduleConfig(_Part):
             raise ValueError(f"reuse_pattern_every={self.reuse_pattern_every!r} must be >= 1 (1 rebuilds every step)")
 
     def dense_step_count(self, num_steps: int | None) -> int:
-        """How many leading steps stay dense for a generation of ``num_steps`` steps."""
+        """How many leading steps stay dense for a generation of ``num_steps`` steps.
+
+        A fraction strictly between 0 and 1 is rounded to the nearest count (Python's ``round``), then kept
+        between 1 and ``num_steps - 1``: it asks for a dense warm-up and for sparse steps, and few-step
+        schedules (4-8 steps, distilled LoRAs) would otherwise lose one or the other (10 % of 4 steps rounds to
+        0). A single-step generation stays dense. An int is a fixed count (it may cover every step).
+        """
         if isinstance(self.dense_steps, float):
             if num_steps is None:
                 return 0 if self.dense_steps == 0.0 else 1 << 30
-            return int(round(self.dense_steps * num_steps))
+            count = int(round(self.dense_steps * num_steps))
+            if 0.0 < self.dense_steps < 1.0 and num_steps > 0:
+                count = max(1, min(count, num_steps - 1))
+            return count
         return int(self.dense_steps)

@@ -13,13 +13,14 @@ graph executes), so the compiled transformer is one graph with no break and no g
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks.hooks import BaseState, HookFunctionReference, StateManager
 from torch.overrides import TorchFunctionMode
 
 from .config import AccelConfig
@@ -28,6 +29,7 @@ from .kernels import ops
 from .methods import Method
 from .parallel import enter_forward
 from .pipelines.families import Family
+from .schedule import all_steps_dense
 from .state import StepTracker
 
 __all__ = ["Accelerator", "CacheLedger", "SiteEvent", "SiteStats", "bind_sdpa", "remove_hook", "xformers_dense"]
@@ -108,6 +110,22 @@ def _is_python_tensor_method(func: Any, args: tuple) -> bool:
     )
 
 
+class _SiteFunctionReference(HookFunctionReference):
+    """The chain reference of one of our site hooks, robust to the removal of a hook registered below it.
+
+    diffusers' ``HookRegistry.remove_hook`` relinks the next hook by setting its ``forward``; for a hook with
+    ``new_forward`` (ours) that replaces the hook's own entry and bypasses it (after
+    ``transformer.disable_cache()`` of a PyramidAttentionBroadcast or FasterCache hook installed before us, our
+    interception would silently stop). Here that assignment goes to ``original_forward``, what ``new_forward``
+    wraps. Only this instance's class changes (set on our own reference at install): nothing shared is patched.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "forward" and self.__dict__.get("forward") is not None:
+            name = "original_forward"
+        object.__setattr__(self, name, value)
+
+
 class _SiteHook(ModelHook):
     def __init__(self, accelerator: Accelerator, site: SiteCore) -> None:
         super().__init__()
@@ -173,7 +191,18 @@ def remove_hook(module: torch.nn.Module, name: str) -> None:
     registry = getattr(module, "_diffusers_hook", None)
     if registry is None:
         return
+    above = None  # the hook registered right after ours: diffusers relinks it wrongly when it has new_forward
+    if name in registry._hook_order:
+        index = registry._hook_order.index(name)
+        if index + 1 < len(registry._fn_refs):
+            above = registry._fn_refs[index + 1]
+    own_entry = above.forward if above is not None and above.original_forward is not None else None
     registry.remove_hook(name, recurse=False)
+    if own_entry is not None and above.forward is not own_entry:
+        # diffusers set ``forward`` (the hook's new_forward entry) to what lay below ours; the hook wraps
+        # ``original_forward``, so that is where it belongs (a step cache installed after us keeps working)
+        object.__setattr__(above, "original_forward", above.forward)
+        object.__setattr__(above, "forward", own_entry)
     if registry.hooks:
         return
     del module._diffusers_hook
@@ -211,6 +240,8 @@ class Accelerator:
         self.forwards = 0  # transformer forwards since install
         self._steps: list[int] = []  # distinct step indices of the latest generation, in the order first seen
         self._steps_generation = -1
+        self._seen: set[int] | None = None  # sites whose attention ran in the open forward (skipped = the rest)
+        self._warned_all_dense = False
 
     @property
     def method(self) -> Method:
@@ -243,7 +274,9 @@ class Accelerator:
         self._op_id = ops.register_owner(self)
         for index, (name, module) in enumerate(sites):
             site = self.group.site(index, name, module)
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(_SiteHook(self, site), SITE_HOOK)
+            hook = _SiteHook(self, site)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, SITE_HOOK)
+            hook.fn_ref.__class__ = _SiteFunctionReference  # survives the removal of a hook below it
         self._installed = True
 
     def remove(self) -> None:
@@ -258,6 +291,7 @@ class Accelerator:
         self._op_id = None
         self._state_hook = None
         self._token = None
+        self._seen = None
         self._installed = False
 
     @property
@@ -268,6 +302,8 @@ class Accelerator:
     def attention(self, site: SiteCore, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         """One intercepted SDPA call, through the site core; the dense fallback is the call itself."""
         bound = bind_sdpa(args, kwargs)
+        if self._seen is not None:
+            self._seen.add(site.index)
 
         def dense() -> torch.Tensor:
             if self.config.dense_backend == "xformers":
@@ -300,6 +336,12 @@ class Accelerator:
         if state.generation != generation:
             self.group.new_generation()
         self._note_step(state.generation, state.step)
+        self._seen = set()
+        if not self._warned_all_dense:
+            message = all_steps_dense(self.config, self.tracker.state.num_steps)
+            if message is not None:
+                self._warned_all_dense = True
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _note_step(self, generation: int, step: int) -> None:
         self.forwards += 1
@@ -318,6 +360,11 @@ class Accelerator:
     def end_forward(self) -> None:
         self.tracker.end()
         self.group.end_forward()
+        seen, self._seen = self._seen, None
+        if seen is not None:  # a site that saw no call in this forward was skipped by a step cache
+            for site in self.sites:
+                if site.index not in seen:
+                    site.stats.skipped_calls += 1
 
     # -- the compile path: traced by Dynamo, the work runs in dit_accel.kernels.ops ----------------------------
     def compiled_begin(self, args: tuple, kwargs: dict[str, Any]) -> None:

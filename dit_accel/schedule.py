@@ -27,6 +27,7 @@ from .site_state import BlockPattern, BranchState, Shape
 from .state import DenoiseState
 
 __all__ = [
+    "all_steps_dense",
     "dense_reason",
     "lse_drift",
     "needs_refresh",
@@ -48,6 +49,19 @@ def dense_reason(config: AccelConfig, site_index: int, tokens: int, state: Denoi
     if state.step < config.dense_step_count(state.num_steps):
         return "dense_step"
     return None
+
+
+def all_steps_dense(config: AccelConfig, num_steps: int | None) -> str | None:
+    """Why no step of a ``num_steps``-step generation can run sparse, or None: an int ``dense_steps`` that
+    covers every step (a count chosen for 50 steps, run at 4-8 steps as distilled LoRAs do)."""
+    count = config.dense_steps
+    if num_steps is None or isinstance(count, float) or count < num_steps or num_steps < 1:
+        return None
+    return (
+        f"dit_accel: dense_steps={count!r} keeps all {num_steps} steps of this generation dense, so nothing runs "
+        "sparse; pass a fraction (dense_steps=0.1 keeps at least one step dense and at least one sparse) or a "
+        "smaller count"
+    )
 
 
 def needs_statistics(config: AccelConfig) -> bool:

@@ -59,3 +59,32 @@ def test_options_override_preset_and_config_round_trip():
     again = resolve_config(config=cfg, min_tokens=10)
     assert again.sparsity == 0.9 and again.min_tokens == 10
     assert AccelConfig(**{k: v for k, v in cfg.to_dict().items()}) == cfg
+
+
+@pytest.mark.parametrize(
+    ("fraction", "steps", "count"),
+    [
+        (0.1, 4, 1),  # rounds to 0: a fraction asks for a warm-up, so at least one dense step
+        (0.1, 8, 1),
+        (0.25, 4, 1),
+        (0.3, 8, 2),
+        (0.9, 4, 3),  # rounds to 4: at least one step stays sparse
+        (0.5, 2, 1),
+        (0.1, 1, 1),  # a single step stays dense
+        (0.1, 50, 5),  # long schedules keep the rounded count
+        (1.0, 4, 4),
+        (0.0, 4, 0),
+    ],
+)
+def test_dense_steps_fraction_on_few_step_schedules(fraction, steps, count):
+    assert AccelConfig(dense_steps=fraction).dense_step_count(steps) == count
+
+
+def test_all_steps_dense_names_the_int_count_only():
+    from dit_accel.schedule import all_steps_dense
+
+    message = all_steps_dense(AccelConfig(dense_steps=15), 4)
+    assert message is not None and "dense_steps=15" in message and "all 4 steps" in message
+    assert all_steps_dense(AccelConfig(dense_steps=3), 4) is None
+    assert all_steps_dense(AccelConfig(dense_steps=1.0), 4) is None  # a fraction of 1.0 asks for it
+    assert all_steps_dense(AccelConfig(dense_steps=15), None) is None

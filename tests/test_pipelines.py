@@ -53,6 +53,7 @@ def test_dense_is_exact_and_remove_restores(family_pipe):
     assert len(stats["sites"]) == EXPECTED_SITES[family]
     assert stats["overall"]["dense_reasons"] == {"method": stats["overall"]["dense_calls"]}
     assert stats["overall"]["dense_calls"] > 0 and stats["overall"]["sparse_calls"] == 0
+    assert stats["overall"]["skipped_calls"] == 0  # every site runs in every forward when no step cache skips
     assert not handle.active
     assert torch.equal(run(pipe, kwargs), base)
 
