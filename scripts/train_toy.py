@@ -79,10 +79,12 @@ class Trainer:
         """``make_batch`` arguments of batch ``step`` (a pure function of the config and the step)."""
         ph = phase_at(step, self.phases)
         args = (self.tcfg["seed"], step * 1024, ph["batch"], ph["frames"], ph["height"], ph["width"])
-        kwargs = {"two_object_prob": self.tcfg["two_object_prob"], "pan_prob": self.tcfg["pan_prob"]}
-        for key in ("motion_weights", "speed_range"):  # optional data mix (see dit_accel.toy.data.sample_scene)
-            if key in self.tcfg:
-                kwargs[key] = tuple(self.tcfg[key])
+        # the data mix (see dit_accel.toy.data.sample_scene): the train section's, or the phase's own (a curriculum)
+        kwargs = {key: ph.get(key, self.tcfg.get(key)) for key in ("two_object_prob", "pan_prob")}
+        for key in ("motion_weights", "speed_range"):  # optional
+            value = ph.get(key, self.tcfg.get(key))
+            if value is not None:
+                kwargs[key] = tuple(value)
         return args, kwargs
 
     def step(self, batch: tuple | None = None) -> None:
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if use_cuda else "cpu")
     budget = args.budget or ("gpu" if use_cuda else "cpu")
     bcfg = config["budgets"][budget]
+    config = {**config, "train": {**config["train"], **bcfg.get("train", {})}}  # a budget may set its own lr, ...
     threads = args.threads if args.threads is not None else bcfg.get("threads", 0)
     if threads:
         torch.set_num_threads(threads)

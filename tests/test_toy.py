@@ -303,3 +303,34 @@ def test_motion_weights_and_speed_range_set_the_data_mix():
     assert all(abs(s.objects[0].speed - 2.0) < 1e-9 for s in scenes)  # 2 px/frame fits a 64 px canvas
     with pytest.raises(ValueError, match="motion_weights"):
         sample_scene(rng, 8, 32, 32, motion_weights=(1, 1, 1))
+
+
+def test_a_phase_sets_its_own_data_mix_and_a_budget_its_own_train_settings(tmp_path: Path) -> None:
+    """Curriculum knobs: a phase's motion_weights / two_object_prob / pan_prob / speed_range override the train
+    section's for that phase only, and a budget's "train" entries override the train section (its lr, ...)."""
+    import importlib.util
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_toy", root / "scripts" / "train_toy.py")
+    train_toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_toy)
+    config = json.loads((root / "configs" / "toy.json").read_text())
+    config["model"] = TINY
+    directional = {"motion_weights": [1, 1, 1, 1, 0, 0, 0], "two_object_prob": 0.0, "pan_prob": 0.0}
+    phases = [
+        {"steps": 2, "batch": 2, "frames": 4, "height": 16, "width": 16, **directional},
+        {"steps": 2, "batch": 2, "frames": 4, "height": 16, "width": 16},
+    ]
+    trainer = train_toy.Trainer(config, torch.device("cpu"), phases)
+    first, second = trainer.batch_args(0)[1], trainer.batch_args(3)[1]
+    assert first == {"two_object_prob": 0.0, "pan_prob": 0.0, "motion_weights": (1, 1, 1, 1, 0, 0, 0)}
+    assert second == {"two_object_prob": config["train"]["two_object_prob"], "pan_prob": config["train"]["pan_prob"]}
+    config["budgets"] = {"tiny": {"threads": 1, "train": {"lr": 0.123, "ckpt_every": 1}, "phases": phases[:1]}}
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    args = ["--config", str(tmp_path / "tiny.json"), "--budget", "tiny", "--device", "cpu", "--max-steps", "1",
+            "--out", str(tmp_path / "model"), "--state-dir", str(tmp_path / "state")]  # fmt: skip
+    assert train_toy.main(args) == 0
+    state = torch.load(tmp_path / "state" / "state.pt", weights_only=False)
+    want = train_toy.lr_at(0, 2, {**config["train"], "lr": 0.123})
+    assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(want) and want > 0

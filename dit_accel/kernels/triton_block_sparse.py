@@ -328,21 +328,28 @@ def _store_out_lse(
 
 
 @triton.jit
-def _reshape_epilogue(
-    acc, l_i, rho_base, res_base, offs_m, N, srn, DV, rho_add, HEAD_DV: tl.constexpr, RHO_CLAMP: tl.constexpr
-):
-    """Re-ttention's ``(rho + rho_add) * O + R`` folded into the accumulator (``acc / l`` is the output): the
-    sparse output never leaves the registers and no float32 temporaries are made. An empty row (l = 0, stored
-    as acc / 1) gets R alone, as the unfused formula gives."""
-    rows = offs_m < N
-    rho = tl.load(rho_base + offs_m, mask=rows, other=0.0).to(tl.float32) + rho_add
+def _reshape_scale(acc, rho_base, offs_m, N, rho_add, RHO_CLAMP: tl.constexpr):
+    """Re-ttention's reshape, first half: the accumulator times rho_c = rho + rho_add (clamped at 1 on request),
+    so the stored row is rho_c * O (0 for an empty row)."""
+    rho = tl.load(rho_base + offs_m, mask=offs_m < N, other=0.0).to(tl.float32) + rho_add
     if RHO_CLAMP:
         rho = tl.minimum(rho, 1.0)
-    cols = tl.arange(0, HEAD_DV)
-    res_ptrs = res_base + offs_m[:, None].to(tl.int64) * srn + cols[None, :]
-    res = tl.load(res_ptrs, mask=rows[:, None] & (cols[None, :] < DV), other=0.0).to(tl.float32)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    return rho[:, None] * acc + res * l_safe[:, None]
+    return acc * rho[:, None]
+
+
+@triton.jit
+def _add_residual(o_base, res_base, offs_m, N, stride_on, srn, DV, HEAD_DV: tl.constexpr, CHUNK: tl.constexpr):
+    """Second half: O += R on the rows this program just stored, ``CHUNK`` columns at a time (the accumulator is
+    dead by then, so the residual never needs a second full tile of registers)."""
+    rows = offs_m < N
+    for c in tl.static_range(HEAD_DV // CHUNK):
+        cols = c * CHUNK + tl.arange(0, CHUNK)
+        keep = rows[:, None] & (cols[None, :] < DV)
+        o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_on + cols[None, :]
+        r_ptrs = res_base + offs_m[:, None].to(tl.int64) * srn + cols[None, :]
+        o = tl.load(o_ptrs, mask=keep, other=0.0).to(tl.float32)
+        r = tl.load(r_ptrs, mask=keep, other=0.0).to(tl.float32)
+        tl.store(o_ptrs, (o + r).to(o_base.dtype.element_ty), mask=keep)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -419,6 +426,7 @@ def _bsa_fwd(
     rho_add,
     HAS_RESHAPE: tl.constexpr,
     RHO_CLAMP: tl.constexpr,
+    RES_CHUNK: tl.constexpr,
 ):
     pid_bh, off_b, off_h, start_m, qb, offs_m = _query_tile(H, BLOCK_M, LUT_BLOCK_M)
     q_base = Q + off_b * sqb + off_h * sqh
@@ -435,13 +443,16 @@ def _bsa_fwd(
         n_kb, skn, svn, D, DV, qk_scale, BLOCK_M, BLOCK_N, TILE_N, HEAD_D, HEAD_DV, USE_TMA, MASK_N, MASK_KV, PAD_D,
         FP32, HAS_KPAD, HAS_GROUPS, GROUP_WORDS,
     )  # fmt: skip
-    if HAS_RESHAPE:
-        acc = _reshape_epilogue(acc, l_i, RHO + pid_bh.to(tl.int64) * N, RES + off_b * srb + off_h * srh, offs_m, N,
-                                srn, DV, rho_add, HEAD_DV, RHO_CLAMP)  # fmt: skip
+    if HAS_RESHAPE:  # Re-ttention's rho_c * O + R as the epilogue: no float32 temporaries outside the kernel
+        acc = _reshape_scale(acc, RHO + pid_bh.to(tl.int64) * N, offs_m, N, rho_add, RHO_CLAMP)
     _store_out_lse(
         O, LSE, O + off_b * sob + off_h * soh, LSE + pid_bh.to(tl.int64) * N, acc, m_i, l_i, offs_m, N, son, DV,
         HEAD_DV, WRITE_LSE,
     )  # fmt: skip
+    if HAS_RESHAPE:
+        tl.debug_barrier()  # the rows just stored are read back by other threads of this program
+        _add_residual(O + off_b * sob + off_h * soh, RES + off_b * srb + off_h * srh, offs_m, N, son, srn, DV,
+                      HEAD_DV, RES_CHUNK)  # fmt: skip
 
     if WRITE_MASS:
         # Second pass over the row with the final (m, l): exact per-block probability mass, QK^T recomputed.
@@ -1240,7 +1251,8 @@ def block_sparse_attention(
             RHO=rho if reshape is not None else lse, RES=residual if reshape is not None else out,
             srb=residual.stride(0) if reshape is not None else 0, srh=residual.stride(1) if reshape is not None else 0,
             srn=residual.stride(2) if reshape is not None else 0, rho_add=float(rho_add),
-            HAS_RESHAPE=reshape is not None, RHO_CLAMP=bool(rho_clamp), **p.consts(cfg),
+            HAS_RESHAPE=reshape is not None, RHO_CLAMP=bool(rho_clamp), RES_CHUNK=min(32, p.head_dv),
+            **p.consts(cfg),
         )  # fmt: skip
 
     cands = _candidates("bsa", block_m, block_n, p.head_d, p.fp32, p.tma_ok)

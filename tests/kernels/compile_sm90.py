@@ -21,8 +21,8 @@ from triton.compiler import ASTSource
 from dit_accel.kernels import triton_block_sparse as tbs
 
 TARGET = GPUTarget("cuda", 90, 32)
-POINTERS = {"Q", "K", "V", "O", "OS", "OF", "OL", "X", "OUT", "PHIK"}
-F32_POINTERS = {"LSE", "MASS", "LSES", "LSEF", "S", "Z", "STOT", "ZTOT", "KPAD"}
+POINTERS = {"Q", "K", "V", "O", "OS", "OF", "OL", "X", "OUT", "PHIK", "RES"}
+F32_POINTERS = {"LSE", "MASS", "LSES", "LSEF", "S", "Z", "STOT", "ZTOT", "KPAD", "RHO"}
 I32_POINTERS = {"LUT", "CNT", "NLUT", "NCNT", "MLUT", "MCNT", "IDX", "KGRP"}
 I64_POINTERS = {"QGRP"}
 
@@ -42,7 +42,7 @@ def _signature(fn, dtype: str, consts: dict, desc: str | None) -> dict:
             sig[name] = "*i64"
         elif name in ("k_desc", "v_desc"):
             sig[name] = desc or f"*{dtype}"
-        elif name in ("qk_scale", "tau"):
+        elif name in ("qk_scale", "tau", "rho_add"):
             sig[name] = "fp32"
         elif name in ("SCORES",):
             sig[name] = "*fp32"
@@ -74,7 +74,7 @@ def attention_variant(kind: str, dtype: str, head: int, block_m: int, block_n: i
         HAS_KPAD=False,
     )  # fmt: skip
     if kind == "bsa":
-        consts.update(HAS_GROUPS=False, GROUP_WORDS=1)
+        consts.update(HAS_GROUPS=False, GROUP_WORDS=1, HAS_RESHAPE=False, RHO_CLAMP=False, RES_CHUNK=32)
     consts.update(extra)
     desc = f"tensordesc<{dtype}[1, 1, {cfg['tile_n']}, {head}]>" if cfg["tma"] else None
     return fn, _signature(fn, dtype, consts, desc), consts, cfg["num_warps"], cfg["num_stages"]
@@ -85,6 +85,8 @@ def variants():
     for head in (64, 128):
         cfg = tbs._default_config("bsa", 128, 128, head, False)
         yield f"bsa-default-d{head}", attention_variant("bsa", "bf16", head, 128, 128, cfg, bsa_extra)
+        reshape = dict(bsa_extra, HAS_RESHAPE=True, RHO_CLAMP=True)  # Re-ttention's epilogue: still no spills
+        yield f"bsa-default-reshape-d{head}", attention_variant("bsa", "bf16", head, 128, 128, cfg, reshape)
         kpad = dict(bsa_extra, HAS_KPAD=True)  # a key-padding mask (HunyuanVideo's padded prompt): still no spills
         yield f"bsa-default-kpad-d{head}", attention_variant("bsa", "bf16", head, 128, 128, cfg, kpad)
         for words in (1, 2):  # VMoBA's token-level chunk gating, up to 64 and 128 chunks
