@@ -549,6 +549,11 @@ def render(request: RenderRequest) -> dict[str, Any]:
         from .pipelines.freeswim import maybe_freeswim  # the method then accelerates FreeSwim's base pass
 
         pipe, kwargs = maybe_freeswim(pipe, kwargs, request.base_height, request.base_width, **request.freeswim)
+    if request.compare_dense:  # one untimed step first, so neither timed render pays the first call's costs
+        try:
+            pipe(**{**kwargs, "num_inference_steps": 1}, generator=torch.Generator().manual_seed(request.seed))
+        except Exception:  # noqa: BLE001 - e.g. FreeSwim needs more steps; the timed renders report real errors
+            pass
     handle = dit_accel.accelerate(pipe, request.method, **request.options)
     counters = [FlopCounter(acc.transformer) for acc in handle.accelerators.values()]
     for counter, acc in zip(counters, handle.accelerators.values()):
