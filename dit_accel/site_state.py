@@ -6,7 +6,7 @@ when a generation starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -40,9 +40,12 @@ class BlockPattern:
     outside: torch.Tensor | None = None  # blocks outside the pattern (the mass-weighted linear branch)
     key_groups: torch.Tensor | None = None  # token-gated VMoBA: the chunk of each key (shared with the plan)
     query_groups: torch.Tensor | None = None  # token-gated VMoBA: int64 bit words of the chunks each query sees
+    #: what kernels derive from this pattern once (SLA's helper LUTs), kept as long as the pattern
+    kernel_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def nbytes(self) -> int:
-        return _tensor_bytes(self)
+        derived = self.kernel_cache.get("luts", ())
+        return _tensor_bytes(self) + sum(t.numel() * t.element_size() for t in derived)
 
 
 @dataclass

@@ -149,17 +149,19 @@ def sparse_linear_attention(
     feature_map: str = "softmax",
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
+    helper_cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SLA's fused sparse + linear attention: ``(o_sparse, o_linear, lse)``.
 
     ``o_sparse``/``lse`` are :func:`block_sparse_attention`'s; ``o_linear`` is linear attention (``feature_map``
     ``"softmax"`` or ``"elu"``) over the key blocks neither selected nor ``negligible``, 0 where none is left;
-    keys masked by ``key_padding`` enter neither branch.
+    keys masked by ``key_padding`` enter neither branch. ``helper_cache``: a dict the caller keeps with its pattern
+    (methods pass the pattern's), so the Triton kernel's helper LUTs are built once per pattern, not per call.
     """
     _check_block(block_m, block_n)
     return _impl("sparse_linear_attention", q.device)(
         q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, negligible=negligible,
-        feature_map=feature_map, scale=scale, key_padding=key_padding,
+        feature_map=feature_map, scale=scale, key_padding=key_padding, helper_cache=helper_cache,
     )  # fmt: skip
 
 

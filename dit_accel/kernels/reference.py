@@ -384,8 +384,10 @@ def sparse_linear_attention(
     feature_map: str = "softmax",
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
+    helper_cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SLA: ``(o_sparse, o_linear, lse)``; ``o_sparse`` and ``lse`` are exactly :func:`block_sparse_attention`'s.
+    (``helper_cache`` is the Triton kernel's: the reference builds no helper LUTs and ignores it.)
 
     ``o_linear`` is linear attention phi(Q_i) S_i / (phi(Q_i) . Z_i) with S_i = sum_j phi(K_j)^T V_j and
     Z_i = sum_j phi(K_j) over the *marginal* key blocks j of query block i: neither selected in the LUT nor marked

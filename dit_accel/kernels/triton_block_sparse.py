@@ -1323,6 +1323,39 @@ def block_sparse_attention_pair(
     return o_s, lse_s, o_f, lse_f
 
 
+def _identity(t: torch.Tensor | None) -> tuple | None:
+    """Where a tensor's data is and which write it is at: equal for a view taken again of unchanged data."""
+    if t is None:
+        return None
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t._version)
+
+
+def _linear_helper_luts(p, negligible, key_padding, cache: dict | None):
+    """SLA's helper LUTs of the negligible and the marginal blocks, so the kernel can pick the cheaper sum. With
+    ``cache`` (a dict the caller keeps with its pattern) they are made once per pattern: reused while the same
+    negligible mask and key padding come back unchanged (same data, no in-place write since)."""
+    key = (_identity(negligible), _identity(key_padding), p.block_n)
+    if cache is not None and cache.get("key") == key:
+        return cache["luts"]
+    dev = p.lut.device
+    selected = reference.selected_block_mask(p.lut, p.cnt, p.n_kb)
+    marginal = ~selected
+    if key_padding is not None:  # a fully masked block is never marginal (its phi(K) rows are 0 anyway)
+        marginal = marginal & reference.key_blocks_alive(key_padding, p.block_n)[:, None, None, :]
+    if negligible is not None:
+        neg = negligible.to(device=dev, dtype=torch.bool) & marginal
+        marginal = marginal & ~neg
+        neg_lut, neg_cnt = lut_from_mask(neg)
+    else:
+        neg_lut = torch.zeros(1, dtype=torch.int32, device=dev)
+        neg_cnt = torch.zeros(p.b, p.h, p.n_qb, dtype=torch.int32, device=dev)
+    luts = (neg_lut, neg_cnt, *lut_from_mask(marginal))
+    if cache is not None:  # the inputs are held too, so their memory cannot pass to another tensor meanwhile
+        cache.clear()
+        cache.update(key=key, luts=luts, held=(negligible, key_padding))
+    return luts
+
+
 def sparse_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1336,8 +1369,10 @@ def sparse_linear_attention(
     feature_map: str = "softmax",
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
+    helper_cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton SLA; same contract as :func:`reference.sparse_linear_attention` (``(o_sparse, o_linear, lse)``)."""
+    """Triton SLA; same contract as :func:`reference.sparse_linear_attention` (``(o_sparse, o_linear, lse)``);
+    ``helper_cache``: a dict kept with the pattern, so its helper LUTs are built once per pattern."""
     if feature_map not in _FEATURE_MAPS:
         raise ValueError(f"feature_map={feature_map!r} is not supported; allowed: {', '.join(_FEATURE_MAPS)}")
     p = _Prepared(q, k, v, kv_indices, kv_counts, block_m, block_n, scale, key_padding)
@@ -1359,19 +1394,7 @@ def sparse_linear_attention(
     )  # fmt: skip
     s_tot = s_part.sum(2)
     z_tot = z_part.sum(2)
-    # Helper LUTs of the negligible (not selected) and the marginal blocks, so the kernel can pick the cheaper sum.
-    selected = reference.selected_block_mask(p.lut, p.cnt, p.n_kb)
-    marginal = ~selected
-    if key_padding is not None:  # a fully masked block is never marginal (its phi(K) rows are 0 anyway)
-        marginal = marginal & reference.key_blocks_alive(key_padding, block_n)[:, None, None, :]
-    if negligible is not None:
-        neg = negligible.to(device=dev, dtype=torch.bool) & marginal
-        marginal = marginal & ~neg
-        neg_lut, neg_cnt = lut_from_mask(neg)
-    else:
-        neg_lut = torch.zeros(1, dtype=torch.int32, device=dev)
-        neg_cnt = torch.zeros(p.b, p.h, p.n_qb, dtype=torch.int32, device=dev)
-    marg_lut, marg_cnt = lut_from_mask(marginal)
+    neg_lut, neg_cnt, marg_lut, marg_cnt = _linear_helper_luts(p, negligible, key_padding, helper_cache)
 
     o_s = torch.empty(p.b, p.h, p.n, p.dv, device=dev, dtype=q.dtype)
     o_l = torch.empty_like(o_s)

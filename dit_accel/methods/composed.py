@@ -222,7 +222,7 @@ class ComposedMethod(Method):
                 negligible = negligible.expand(b, h, -1, -1)
             o_s, o_l, lse = kernels.sparse_linear_attention(
                 q, k, v, idx, counts, block_m=cfg.block_m, block_n=cfg.block_n, negligible=negligible,
-                feature_map=cfg.feature_map, scale=call.scale, key_padding=kp,
+                feature_map=cfg.feature_map, scale=call.scale, key_padding=kp, helper_cache=pattern.kernel_cache,
             )  # fmt: skip
             alpha = None
             if cfg.linear_weight == "mass":

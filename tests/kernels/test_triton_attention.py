@@ -308,3 +308,24 @@ def test_reshape_epilogue_matches_the_unfused_formula(rng, device, n, d, block_m
     torch.testing.assert_close(out[0, 0, :block_m].float(), residual[0, 0, :block_m].float(), atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="rho and residual go together"):
         tbs.block_sparse_attention(q, k, v, idx, cnt, **kw, rho=rho)
+
+
+def test_sparse_linear_helper_luts_are_built_once_per_pattern(rng, device, monkeypatch):
+    """With the pattern's helper_cache the helper LUTs are built on the first call only, reused while the negligible
+    mask is unchanged (results still equal the reference), and rebuilt after an in-place change to it."""
+    n, d, block_m, block_n = 200, 64, 64, 64
+    q, k, v = _inputs(1, 2, n, d, torch.float32, rng, device)
+    mask, idx, cnt = random_lut(1, 2, n, block_m, block_n, rng)
+    negligible = (torch.rand(*mask.shape, generator=rng) < 0.4).to(device)
+    built = []
+    real = tbs.lut_from_mask
+    monkeypatch.setattr(tbs, "lut_from_mask", lambda m: built.append(1) or real(m))
+    cache: dict = {}
+    kw = dict(block_m=block_m, block_n=block_n, negligible=negligible)
+    for call in range(3):
+        if call == 2:
+            negligible[0, 0] = ~negligible[0, 0]  # in place: the cached LUTs no longer hold
+        got = tbs.sparse_linear_attention(q, k, v, idx, cnt, **kw, helper_cache=cache)
+        want = reference.sparse_linear_attention(q, k, v, idx, cnt, **kw)
+        torch.testing.assert_close(got[1], want[1], atol=4e-5, rtol=4e-5)
+        assert len(built) == (2 if call < 2 else 4), (call, len(built))  # two LUTs per build
