@@ -590,8 +590,9 @@ def render(request: RenderRequest) -> dict[str, Any]:
 
 
 def _device_of(pipe: Any) -> torch.device:
+    """The device a pipeline (or module) runs on; the CPU when it does not say."""
     device = getattr(pipe, "device", None)
-    return device if isinstance(device, torch.device) else torch.device("cpu")
+    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 def _time_dense(pipe: Any, kwargs: dict[str, Any], seed: int, frames: np.ndarray, seconds: float) -> dict[str, Any]:

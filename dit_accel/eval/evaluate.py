@@ -23,6 +23,7 @@ from ..config import AccelConfig, resolve_config
 from ..kernels import backend_for
 from ..render import (
     FlopCounter,
+    _device_of,
     apply_request,
     check_size,
     effective_density,
@@ -66,11 +67,6 @@ class RunOutput:
     stats: dict[str, Any]
     probe: dict[str, Any]
     flop_share: float = 0.0  # self-attention's share of the transformer FLOPs of this run's shapes
-
-
-def _device_of(pipe: Any) -> torch.device:
-    device = getattr(pipe, "device", None)
-    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 def _sync(device: torch.device) -> None:

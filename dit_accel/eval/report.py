@@ -9,7 +9,6 @@ reaches the lowest quality level, they are ranked by PSNR instead.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -251,13 +250,14 @@ def _plot(rows: Sequence[dict[str, Any]], speed: str, path: Path) -> list[str]:
 def _contact_sheet(records: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], speed: str, out: Path) -> bool:
     """``contact.png``: the dense strip, then every configuration's (fastest first), for the first prompt and seed
     (first, middle and last frame, as the sweep saved them under ``frames/``). False when no strip exists."""
+    from .evaluate import config_key
     from .sweep import FRAMES, strip_name
 
     ok = [r for r in records if "error" not in r]
     if not ok:
         return False
     prompt, seed = ok[0].get("prompt"), ok[0]["seed"]
-    dense_key = json.dumps({"method": "dense"}, sort_keys=True)
+    dense_key = config_key({"method": "dense"})
     entries = [("dense (reference)", out / FRAMES / strip_name(dense_key, seed, prompt))]
     by_key = {r["key"]: r for r in ok if r.get("prompt") == prompt and r["seed"] == seed}
     for row in sorted(rows, key=lambda r: -(r.get(speed) or 0.0)):

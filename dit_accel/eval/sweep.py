@@ -8,6 +8,7 @@ contiguous share of the remaining records (grouped by seed, so each process comp
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -140,8 +141,6 @@ FRAMES = "frames"
 
 def strip_name(key: str, seed: int, prompt: str | None) -> str:
     """File name (under ``DIR/frames``) of one record's frame strip: readable method prefix plus a hash."""
-    import hashlib
-
     method = json.loads(key).get("method", "run") if key.startswith("{") else "run"
     digest = hashlib.sha1(record_id(key, seed, prompt).encode()).hexdigest()[:10]
     return f"{method}-{digest}.png"

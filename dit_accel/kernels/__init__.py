@@ -58,12 +58,12 @@ def backend_for(device: torch.device | str) -> str:
         if not _triton_available():
             raise RuntimeError("DIT_ACCEL_KERNELS=triton but the Triton kernels cannot be imported")
         return "triton"
-    device = torch.device(device)
-    if forced == "cpu" or (forced == "auto" and device.type == "cpu"):
-        return "cpu" if device.type == "cpu" else "reference"  # the fused CPU kernels take CPU tensors only
-    if device.type == "cuda" and _triton_available():
+    device = torch.device(device)  # forced is "auto" or "cpu" here
+    if device.type == "cpu":
+        return "cpu"
+    if forced == "auto" and device.type == "cuda" and _triton_available():
         return "triton"
-    return "reference"
+    return "reference"  # elsewhere, and "cpu" forced for tensors elsewhere: the CPU kernels take CPU tensors only
 
 
 def _check_block(block_m: int, block_n: int) -> None:

@@ -1334,7 +1334,7 @@ def _linear_helper_luts(p, negligible, key_padding, cache: dict | None):
     """SLA's helper LUTs of the negligible and the marginal blocks, so the kernel can pick the cheaper sum. With
     ``cache`` (a dict the caller keeps with its pattern) they are made once per pattern: reused while the same
     negligible mask and key padding come back unchanged (same data, no in-place write since)."""
-    key = (_identity(negligible), _identity(key_padding), p.block_n)
+    key = (_identity(p.lut), _identity(p.cnt), _identity(negligible), _identity(key_padding), p.block_n)
     if cache is not None and cache.get("key") == key:
         return cache["luts"]
     dev = p.lut.device
