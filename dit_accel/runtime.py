@@ -231,7 +231,12 @@ class Accelerator:
         self.family = family
         self.config = config
         self.group = SiteGroup(config, ledger=ledger, text_tokens=family.text_first is not None)
-        self.tracker = StepTracker(scheduler=scheduler, num_steps_hint=config.num_steps)
+        self.tracker = StepTracker(
+            scheduler=scheduler,
+            num_steps_hint=config.num_steps,
+            timestep_rises=family.timestep_rises,
+            new_timesteps_new_generation=family.new_timesteps_new_generation,
+        )
         self._installed = False
         self._state_hook: _StateHook | None = None
         self._op_id: int | None = None  # how the compile-path custom ops reach this accelerator
@@ -326,7 +331,8 @@ class Accelerator:
         enter_forward(module)  # refuses unsupported context parallelism; sets the Ulysses head group
         bound = self.family.bind(module, args, kwargs)
         layout = self.family.layout(module, bound)
-        timestep = bound.get("timestep")
+        step_timestep = self.family.step_timestep
+        timestep = step_timestep(bound) if step_timestep is not None else bound.get("timestep")
         if isinstance(timestep, torch.Tensor) and self.family.timestep_scale != 1.0:
             timestep = timestep * self.family.timestep_scale
         elif timestep is not None and not isinstance(timestep, torch.Tensor):

@@ -40,10 +40,17 @@ class StepTracker:
     forward, so replacing ``pipe.scheduler`` after ``accelerate`` keeps the steps right).
     ``steps_backwards`` counts forwards whose step went below the previous one without a new generation having
     been started (a scheduler the tracker cannot follow); each starts a new generation, and the first warns.
+    ``timestep_rises``: the model's timestep goes up as denoising proceeds (MiniMax-H3), so with no scheduler to
+    match, a new generation starts when it drops rather than when it rises.
+    ``new_timesteps_new_generation``: the scheduler's timesteps set anew (``set_timesteps`` makes a new tensor)
+    start a new generation, for pipelines that reset no hooks after a call (MiniMax-H3's modular pipeline: without
+    it a second call would read as the step going back).
     """
 
     scheduler: Any = None
     num_steps_hint: int | None = None
+    timestep_rises: bool = False
+    new_timesteps_new_generation: bool = False
     state: DenoiseState = field(default_factory=DenoiseState)
     _last_timestep: float | None = None
     _calls_this_step: int = 0
@@ -52,6 +59,7 @@ class StepTracker:
     steps_backwards: int = 0
     _timesteps_key: tuple | None = None
     _timesteps_host: list[float] | None = None
+    _timesteps_renewed: bool = False
 
     def new_generation(self) -> None:
         """Forget the step position; the next forward starts a new generation."""
@@ -71,11 +79,14 @@ class StepTracker:
         else:
             t = _timestep_value(timestep)  # the one host sync of a forward
             timesteps = self._host_timesteps()
+            if self._timesteps_renewed and self.new_timesteps_new_generation and not self._fresh:
+                self.new_generation()
+            self._timesteps_renewed = False
             if t is not None and timesteps is not None:
                 step = min(range(len(timesteps)), key=lambda i: abs(timesteps[i] - t))  # first of ties, as argmin
                 num_steps = len(timesteps)
         if step is None:  # bare transformer: count distinct timesteps
-            if self._last_timestep is not None and t is not None and t > self._last_timestep + 1e-6:
+            if self._last_timestep is not None and t is not None and self._restarts(t, self._last_timestep):
                 self.new_generation()
             if self._last_timestep is None or t is None or abs(t - self._last_timestep) > 1e-6:
                 step = self._last_step + 1
@@ -100,6 +111,10 @@ class StepTracker:
         self.state.layout = layout
         self.state.active = True
         return self.state
+
+    def _restarts(self, t: float, last: float) -> bool:
+        """Whether timestep ``t`` after ``last`` goes back towards noise: a new generation of a bare transformer."""
+        return t < last - 1e-6 if self.timestep_rises else t > last + 1e-6
 
     def end(self) -> None:
         self.state.active = False
@@ -127,6 +142,7 @@ class StepTracker:
             return None
         key = (id(timesteps), timesteps.data_ptr(), timesteps._version, timesteps.shape)
         if self._timesteps_key != key:
+            self._timesteps_renewed = self._timesteps_key is not None
             self._timesteps_key = key
             self._timesteps_host = timesteps.detach().float().cpu().tolist()
         return self._timesteps_host

@@ -928,6 +928,52 @@ def _hunyuan_video15(seed: int) -> tuple[Any, dict[str, Any]]:
     return pipe, kwargs
 
 
+def _minimax_h3(seed: int) -> tuple[Any, dict[str, Any]]:
+    """MiniMax-H3 has only a modular pipeline: its ``fl2va`` core denoise blocks (layout, keyframe conditioning,
+    noise, the two schedules, the loop, unpacking) run here without text encoder or VAEs, on given embeddings and
+    one keyframe latent; the call returns the video latents (``output="latents"``)."""
+    from diffusers import MiniMaxH3Transformer3DModel
+    from diffusers.modular_pipelines.minimax_h3.modular_blocks_minimax_h3 import MiniMaxH3FL2VACoreDenoiseStep
+    from diffusers.schedulers import MiniMaxH3Scheduler
+
+    torch.manual_seed(seed)
+    transformer = MiniMaxH3Transformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        hidden_size=32,
+        num_layers=2,
+        num_refiner_layers=1,
+        ffn_dim=64,
+        text_dim=16,
+        freq_dim=16,
+        time_embed_hidden_dim=32,
+        time_embed_dim=16,
+        rope_freq_dim=2,
+    )
+    pipe = MiniMaxH3FL2VACoreDenoiseStep().init_pipeline()
+    pipe.update_components(
+        transformer=transformer,
+        scheduler=MiniMaxH3Scheduler(shift=12.0),
+        audio_scheduler=MiniMaxH3Scheduler(shift=3.0),
+    )
+    # 124 frames (the shortest clip, 5 s at 24 fps) at 128 x 448 -> 37 latent frames of 8 x 28, patch (1, 2, 2):
+    # the packed sequence is 8 text rows (three tagged video, as a keyframe's vision block is), 56 keyframe rows
+    # anchored first, 414 audio rows (207 latents x 2 channels) and 2,072 target video rows (37 x 4 x 14): 2,550
+    # rows, the 478 before the target video (kept dense) under a fifth. Three sigmas make two forwards.
+    kwargs = dict(
+        prompt_embeds=_embeds(seed + 1, 1, 8, 16),
+        text_token_tags=torch.tensor([1, 1, 0, 0, 0, 1, 1, 1]),
+        condition_latents=[_embeds(seed + 2, 1, 24, 1, 8, 28)],
+        keyframe_anchors=("first",),
+        height=128,
+        width=448,
+        num_frames=124,
+        num_inference_steps=3,
+        output="latents",
+    )
+    return pipe, kwargs
+
+
 TINY_FAMILIES: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "wan": _wan,
     "wan_i2v": _wan_i2v,
@@ -946,6 +992,7 @@ TINY_FAMILIES: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]] = {
     "mochi": _mochi,
     "ltx2_video": _ltx2_video,
     "hunyuan_video15": _hunyuan_video15,
+    "minimax_h3": _minimax_h3,
 }
 
 

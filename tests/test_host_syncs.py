@@ -84,6 +84,7 @@ def test_no_host_sync_per_attention_call(method, options):
         "mochi",
         "ltx2_video",
         "hunyuan_video15",
+        "minimax_h3",
     ],
 )
 def test_host_syncs_per_forward_in_each_family(family):

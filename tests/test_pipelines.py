@@ -17,10 +17,13 @@ EXPECTED_SITES = {
     "wan": 2, "wan_i2v": 2, "cogvideox": 2, "hunyuan_video": 2, "ltx_video": 2, "pixart": 2, "flux": 2,
     "cosmos": 2, "mochi": 2, "ltx2_video": 2, "hunyuan_video15": 2,
 }  # fmt: skip
-JOINT = ("cogvideox", "hunyuan_video", "flux", "mochi", "hunyuan_video15", "flux2")
+JOINT = ("cogvideox", "hunyuan_video", "flux", "mochi", "hunyuan_video15", "flux2", "minimax_h3")
 # Wan 2.2 (two experts), Wan VACE, Wan Animate, SkyReels-V2 (plain and diffusion forcing), Flux 2
 FAMILIES += ["wan22", "wan_vace", "wan_animate", "skyreels_v2", "skyreels_v2_df", "flux2"]
 EXPECTED_SITES.update(wan22=4, wan_vace=4, wan_animate=2, skyreels_v2=2, skyreels_v2_df=2, flux2=2)
+# MiniMax-H3: its modular pipeline's fl2va denoise chain (text, a keyframe and audio before the target video)
+FAMILIES += ["minimax_h3"]
+EXPECTED_SITES.update(minimax_h3=2)
 #: the self-attention modules each newer family hooks, by name: VACE's control blocks too, never Animate's face
 #: adapter (cross-attention to motion tokens) nor any attn2
 SITE_NAMES = {
@@ -30,11 +33,15 @@ SITE_NAMES = {
     "skyreels_v2": ["transformer.blocks.0.attn1", "transformer.blocks.1.attn1"],
     "skyreels_v2_df": ["transformer.blocks.0.attn1", "transformer.blocks.1.attn1"],
     "flux2": ["transformer.transformer_blocks.0.attn", "transformer.single_transformer_blocks.0.attn"],
+    # the blocks' attn, never the text token refiner's (token_refiner.refiner_blocks.*.attn)
+    "minimax_h3": ["transformer.transformer_blocks.0.attn", "transformer.transformer_blocks.1.attn"],
 }
 
 
 def run(pipe, kwargs, seed=0):
     out = pipe(**kwargs, generator=torch.Generator().manual_seed(seed))
+    if isinstance(out, torch.Tensor):  # a modular pipeline's output="latents" (MiniMax-H3)
+        return out
     return out.frames if hasattr(out, "frames") else out.images
 
 
@@ -82,14 +89,16 @@ def test_blocktopk_runs_at_requested_density(family_pipe):
 
 def test_timestep_scale_gives_the_schedulers_timesteps(family_pipe):
     """The step is found by matching the forward's timestep (times the family's scale) against
-    ``scheduler.timesteps`` when no cache context names it (Cosmos opens none): every forward must match one."""
+    ``scheduler.timesteps`` when no cache context names it (Cosmos opens none): every forward must match one.
+    MiniMax-H3 passes one timestep per noise level: the family's ``step_timestep`` (the target video's) is read."""
     from dit_accel.pipelines.families import find_family
 
     family, pipe, kwargs, base = family_pipe
-    scale = find_family(pipe.transformer).timestep_scale
+    adapter = find_family(pipe.transformer)
+    pick = adapter.step_timestep or (lambda kw: kw["timestep"])
     seen = []
     hook = pipe.transformer.register_forward_pre_hook(
-        lambda mod, args, kw: seen.append(float(kw["timestep"].flatten()[0]) * scale), with_kwargs=True
+        lambda mod, args, kw: seen.append(float(pick(kw).flatten()[0]) * adapter.timestep_scale), with_kwargs=True
     )
     try:
         run(pipe, kwargs)

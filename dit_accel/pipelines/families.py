@@ -38,6 +38,12 @@ class Family:
         square_padding_mask: the processor hands SDPA a boolean (B, 1, N, N) mask that is the outer product of a
             key padding with itself, and its first row is a video token (always valid): that row is the key
             padding (HunyuanVideo 1.5 builds its mask so).
+        step_timestep: the timestep that names the denoising step, from the bound arguments, when it is not the
+            ``timestep`` argument itself (MiniMax-H3 passes one per noise level in its sequence).
+        timestep_rises: the model's timestep goes up as denoising proceeds (MiniMax-H3's ``t = 1 - sigma``), so a
+            bare transformer's generation restarts when it drops, not when it rises.
+        new_timesteps_new_generation: the pipeline resets no hooks after a call (a modular pipeline), so the
+            scheduler's timesteps set anew are what starts a new generation.
     """
 
     name: str
@@ -49,6 +55,9 @@ class Family:
     text_per_call: bool = False
     text_count: Callable[[dict[str, Any]], int] | None = None
     square_padding_mask: bool = False
+    step_timestep: Callable[[dict[str, Any]], Any] | None = None
+    timestep_rises: bool = False
+    new_timesteps_new_generation: bool = False
 
     def sites(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         pattern = re.compile(self.site_pattern)
@@ -169,6 +178,79 @@ def _mochi_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int
     return hs.shape[2], hs.shape[3] // p, hs.shape[4] // p
 
 
+#: MiniMax-H3's modality tag of a video row (``MINIMAX_H3_VIDEO_TAG``: 0 video, 1 text, 2 audio)
+_MINIMAX_H3_VIDEO_TAG = 0
+_MINIMAX_H3_GRIDS: dict[tuple, tuple[int, int, int] | None] = {}  # layout tensors -> target grid: read once
+
+
+def _minimax_h3_target(position_ids: torch.Tensor, token_tags: torch.Tensor) -> tuple[int, int, int] | None:
+    """(frames, rows, cols) of the target video: the trailing video-tagged rows whose (t, h, w) position ids are
+    one raster frame repeated at strictly rising times; None when the sequence does not end so.
+
+    The pipelines pack ``[text | conditioning | target audio | target video]``, the target frame-major then
+    row-major (as their patchify). Walking back frame by frame stops at the audio rows (another tag), at a keyframe
+    anchored first (frame 0's time) or last (a later time), or at a block on another frame grid. A video block on
+    the same grid right before the target, with no audio between, would be read as target frames (the pipelines
+    never build one: they always generate audio)."""
+    pos = position_ids.detach().to("cpu", torch.float64)
+    tags = token_tags.detach().cpu()
+    n = pos.shape[0]
+    if n == 0 or tags.shape != (n,) or int(tags[-1]) != _MINIMAX_H3_VIDEO_TAG:
+        return None
+    others = (tags != _MINIMAX_H3_VIDEO_TAG).nonzero()
+    start = int(others[-1]) + 1 if others.numel() else 0  # the trailing run of video rows
+    times = pos[start:, 0]
+    per_frame = int((times == times[-1]).flip(0).int().cumprod(0).sum())  # the last frame: rows at the last time
+    frame = pos[n - per_frame :, 1:]
+    rows, cols = frame[:, 0].unique(), frame[:, 1].unique()  # sorted
+    raster = torch.stack((rows.repeat_interleave(cols.numel()), cols.repeat(rows.numel())), dim=-1)
+    if rows.numel() * cols.numel() != per_frame or not torch.equal(frame, raster):
+        return None
+    frames, end, later = 1, n - per_frame, float(times[-1])
+    while end - per_frame >= start:
+        block = pos[end - per_frame : end]
+        t = float(block[0, 0])
+        if not (bool((block[:, 0] == t).all()) and t < later and torch.equal(block[:, 1:], frame)):
+            break
+        frames, end, later = frames + 1, end - per_frame, t
+    return frames, int(rows.numel()), int(cols.numel())
+
+
+def _minimax_h3_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int] | None:
+    """MiniMax-H3's target video grid, from ``position_ids`` and ``token_tags`` (built once per generation: read
+    on the host then, cached by tensor, so no sync per step)."""
+    pos, tags, hs = bound.get("position_ids"), bound.get("token_tags"), bound.get("hidden_states")
+    if not all(isinstance(t, torch.Tensor) for t in (pos, tags, hs)) or pos.dim() != 2 or hs.dim() != 3:
+        return None
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.device) for t in (pos, tags))
+    if key not in _MINIMAX_H3_GRIDS:
+        if len(_MINIMAX_H3_GRIDS) > 64:
+            _MINIMAX_H3_GRIDS.clear()
+        _MINIMAX_H3_GRIDS[key] = _minimax_h3_target(pos, tags)
+    grid = _MINIMAX_H3_GRIDS[key]
+    if grid is None or grid[0] * grid[1] * grid[2] > hs.shape[1]:  # more target rows than video rows: stale
+        return None
+    return grid
+
+
+def _minimax_h3_text(bound: dict[str, Any]) -> int:
+    """Every row before the target video (text, keyframe or reference conditioning, audio) is leading text, kept
+    dense as queries and keys: the sequence length less the grid (read just before, from the cache)."""
+    f, h, w = _minimax_h3_grid(None, bound) or (0, 0, 0)  # type: ignore[arg-type]  # the model is not read
+    return int(bound["position_ids"].shape[0]) - f * h * w
+
+
+def _minimax_h3_timestep(bound: dict[str, Any]) -> Any:
+    """The target video's timestep, the last row's: ``timestep`` holds the distinct values of the sequence (target
+    video and audio, held conditioning) and ``timestep_indices`` each row's index into them. A slice: no sync."""
+    timestep, indices = bound.get("timestep"), bound.get("timestep_indices")
+    if not isinstance(timestep, torch.Tensor) or timestep.dim() != 1 or not isinstance(indices, torch.Tensor):
+        return timestep
+    if indices.numel() == 0:
+        return timestep
+    return timestep.index_select(0, indices.reshape(-1)[-1:].to(timestep.device))
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("wan", ("WanTransformer3DModel",), r"blocks\.\d+\.attn1", _wan_grid),
     # VACE: the control blocks' attn1 is self-attention over the control tokens, laid out on the video's grid
@@ -237,6 +319,20 @@ FAMILIES: tuple[Family, ...] = (
         text_first=False,
         text_count=_hunyuan15_text,
         square_padding_mask=True,
+    ),
+    # MiniMax-H3: one packed sequence [text | conditioning | target audio | target video] in full self-attention;
+    # every row before the trailing target video is leading "text" (dense). The step is the target video's
+    # timestep (t = 1 - sigma, rising, as the video scheduler's timesteps); the token refiner's attn is not a site.
+    Family(
+        "minimax_h3",
+        ("MiniMaxH3Transformer3DModel",),
+        r"transformer_blocks\.\d+\.attn",
+        _minimax_h3_grid,
+        text_first=True,
+        text_count=_minimax_h3_text,
+        step_timestep=_minimax_h3_timestep,
+        timestep_rises=True,
+        new_timesteps_new_generation=True,
     ),
 )
 
