@@ -257,3 +257,27 @@ def test_minimax_h3_bare_transformer_counts_rising_timesteps(planted):
         and stats["overall"]["sparse_calls"] == 4 * 2
     )
     assert right is not planted, (generation, acc.steps, stats["overall"]["dense_reasons"])
+
+
+def test_minimax_h3_target_grid_of_a_ref2va_layout():
+    """The ``ref2va`` layout, ``[text | references | target audio | target video]``, from the pipeline's own builder:
+    an image and a video reference on the target's own frame grid (the case a grid read could mistake for target
+    frames), the video's soundtrack and an audio reference. The target is the trailing 37 x 4 x 14 rows."""
+    from types import SimpleNamespace
+
+    from diffusers.modular_pipelines.minimax_h3.before_denoise import MiniMaxH3Ref2VAPrepareLayoutStep
+
+    references = [
+        SimpleNamespace(kind="image", has_audio=False),
+        SimpleNamespace(kind="video", has_audio=True),
+        SimpleNamespace(kind="audio", has_audio=True),
+    ]
+    visual = [torch.zeros(1, 24, 1, GRID[1] * 2, GRID[2] * 2), torch.zeros(1, 24, 7, GRID[1] * 2, GRID[2] * 2)]
+    audio = [torch.zeros(2 * 50, 32), torch.zeros(2 * 30, 32)]
+    position_ids, token_tags, video_indices, *_ = MiniMaxH3Ref2VAPrepareLayoutStep.build_ref2va_packed_sequence(
+        torch.tensor([1, 1, 0, 0, 0, 1, 1, 1]), references, visual, audio, GRID[0], GRID[1] * 2, GRID[2] * 2, 207,
+        (1, 2, 2), 2, 2, 0,
+    )  # fmt: skip
+    target = GRID[0] * GRID[1] * GRID[2]
+    assert torch.equal(video_indices[-target:], torch.arange(position_ids.shape[0] - target, position_ids.shape[0]))
+    assert _minimax_h3_target(position_ids, token_tags) == GRID
