@@ -544,14 +544,17 @@ class FreeSwimMixin:
     def from_pipe(cls, pipeline: Any, **kwargs: Any) -> Any:
         """diffusers' ``from_pipe`` (the same component objects, nothing copied) that keeps every shared module's
         dtype unless ``torch_dtype`` is given: diffusers would cast them all to float32, changing the caller's
-        pipeline (a bfloat16 transformer would double in size)."""
+        pipeline (a bfloat16 transformer would double in size). The progress-bar settings carry over too."""
         if "torch_dtype" in kwargs or "dtype" in kwargs:
-            return super().from_pipe(pipeline, **kwargs)  # type: ignore[misc]
-        token = _KEEP_DTYPES.set(True)
-        try:
-            return super().from_pipe(pipeline, **kwargs)  # type: ignore[misc]
-        finally:
-            _KEEP_DTYPES.reset(token)
+            new = super().from_pipe(pipeline, **kwargs)  # type: ignore[misc]
+        else:
+            token = _KEEP_DTYPES.set(True)
+            try:
+                new = super().from_pipe(pipeline, **kwargs)  # type: ignore[misc]
+            finally:
+                _KEEP_DTYPES.reset(token)
+        new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+        return new
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
         """diffusers' ``to``, except the dtype cast that :meth:`from_pipe` makes of the shared modules."""
@@ -679,6 +682,10 @@ class FreeSwimMixin:
                 )[0]  # fmt: skip
             finally:
                 self.last_stats = hooks.stats.as_dict()
+                self.last_stats.update(
+                    size=[height, width], base_size=[options.base_height, options.base_width],
+                    strength=options.strength, cache_every=options.cache_every,
+                )  # fmt: skip
                 if hooks.geometry is not None:
                     geo = hooks.geometry
                     self.last_stats.update(
