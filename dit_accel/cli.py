@@ -128,10 +128,10 @@ def render(
     fps: int = typer.Option(8, help="Frames per second of the written video."),
     guidance_scale: float = typer.Option(None, help="Classifier-free guidance scale."),
     base_height: int = typer.Option(
-        None, "--base-height", help="FreeSwim (Wan): the training height; a larger --height renders with FreeSwim."
+        None, "--base-height", help="FreeSwim (Wan, toy): the training height; a larger --height renders with FreeSwim."
     ),
     base_width: int = typer.Option(
-        None, "--base-width", help="FreeSwim (Wan): the training width; a larger --width renders with FreeSwim."
+        None, "--base-width", help="FreeSwim (Wan, toy): the training width; a larger --width renders with FreeSwim."
     ),
     strength: float = typer.Option(None, help="FreeSwim: fraction of the steps the refinement runs (0.7)."),
     cache_every: int = typer.Option(None, "--cache-every", help="FreeSwim: a full-branch guide step every k (2)."),
