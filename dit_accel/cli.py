@@ -128,10 +128,10 @@ def render(
     fps: int = typer.Option(8, help="Frames per second of the written video."),
     guidance_scale: float = typer.Option(None, help="Classifier-free guidance scale."),
     base_height: int = typer.Option(
-        None, "--base-height", help="FreeSwim (Wan): the training height; a larger --height renders with FreeSwim."
+        None, "--base-height", help="FreeSwim (Wan, toy): the training height; a larger --height renders with FreeSwim."
     ),
     base_width: int = typer.Option(
-        None, "--base-width", help="FreeSwim (Wan): the training width; a larger --width renders with FreeSwim."
+        None, "--base-width", help="FreeSwim (Wan, toy): the training width; a larger --width renders with FreeSwim."
     ),
     strength: float = typer.Option(None, help="FreeSwim: fraction of the steps the refinement runs (0.7)."),
     cache_every: int = typer.Option(None, "--cache-every", help="FreeSwim: a full-branch guide step every k (2)."),
@@ -214,11 +214,14 @@ def render(
     )
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(overall["dense_reasons"].items())) or "none"
     density = overall["block_density"]
+    swim = result.get("freeswim")
     typer.echo(
-        f"attention calls: {overall['sparse_calls']} sparse, {overall['refresh_calls']} refresh, "
-        f"{overall['dense_calls']} dense (dense because: {reasons})"
+        f"attention calls{' (base pass)' if swim else ''}: {overall['sparse_calls']} sparse, "
+        f"{overall['refresh_calls']} refresh, {overall['dense_calls']} dense (dense because: {reasons})"
         + (f"; kept block density {density:.3f}" if density is not None else "")
     )
+    for line in freeswim_lines(swim) if swim else ():
+        typer.echo(line)
     if result.get("measured_speedup") is not None:
         typer.echo(
             f"measured on {result['device']}: dense {result['dense_seconds']:.1f} s, accelerated "
@@ -233,7 +236,47 @@ def render(
             f"~{100 * result['attention_flop_share']:.0f}% of the transformer's FLOPs here and "
             f"{100 * result['effective_density']:.0f}% of its work remains (VAE and text encoder excluded)"
             + ("" if "measured_speedup" in result else "; --compare-dense measures it on this device")
+            + ("; FreeSwim: the base pass only" if swim else "")
         )
+
+
+def _dims(values: Any) -> str:
+    return " x ".join(str(v) for v in values)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def freeswim_lines(stats: dict[str, Any]) -> list[str]:
+    """The plain-text summary of a FreeSwim refinement (``FreeSwimPipeline.last_stats``): what each branch ran and
+    what the cross-attention cache saved, so a render above the training size says how FreeSwim worked."""
+    guides = ", ".join(str(s) for s in stats.get("guide_steps", [])) or "none"
+    lines = [
+        f"FreeSwim: {_dims(stats['size'])} from a {_dims(stats['base_size'])} base; refinement {stats['steps']} "
+        f"steps (strength {stats['strength']}), guide steps {guides} (cache every {stats['cache_every']})"
+    ]
+    density = stats.get("window_block_density")
+    dense = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("window_dense_calls", {}).items())) or "none"
+    parts = [f"window {_dims(stats['window'])} of grid {_dims(stats['grid'])} tokens"] if "grid" in stats else []
+    parts += [f"kept block density {density:.3f}"] if density is not None else []
+    detail = f" ({', '.join(parts)})" if parts else ""
+    lines.append(
+        f"FreeSwim window branch: {_count(stats['window_forwards'], 'forward')}, {stats['window_calls']} windowed "
+        f"self-attention calls{detail}; dense calls: {dense}"
+    )
+    lines.append(
+        f"FreeSwim full branch: {_count(stats['full_forwards'], 'forward')}, "
+        f"{stats['full_self_attention_calls']} dense self-attention calls"
+    )
+    where = "offloaded to the CPU" if stats.get("cache_device") == "cpu" else "on the model's device"
+    dtype = "model dtype" if stats.get("cache_dtype") == "auto" else stats.get("cache_dtype")
+    lines.append(
+        f"FreeSwim cross-attention cache: {stats['attn2_computed']} computed by the full branch, "
+        f"{stats['attn2_reused']} reused by the window branch, {stats['attn2_plain']} computed by the "
+        f"unconditional pass; peak {stats['cache_bytes_peak'] / 2**20:.2f} MiB ({dtype}, {where})"
+    )
+    return lines
 
 
 @app.command()

@@ -69,7 +69,7 @@ class RenderRequest:
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
-    #: FreeSwim (Wan): the training resolution; a larger height/width renders with FreeSwimPipeline.
+    #: FreeSwim (Wan or the toy): the training resolution; a larger height/width renders with FreeSwimPipeline.
     base_height: int | None = None
     base_width: int | None = None
     freeswim: dict[str, Any] = field(default_factory=dict)  # FreeSwim options, e.g. strength, cache_every

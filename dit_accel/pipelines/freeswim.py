@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -44,6 +45,7 @@ from .freeswim_window import WindowGeometry, freeswim_scale, window_geometry
 
 __all__ = [
     "FreeSwimHooks",
+    "FreeSwimMixin",
     "FreeSwimOptions",
     "FreeSwimPipeline",
     "FreeSwimStats",
@@ -518,31 +520,67 @@ def upscale_latents(latents: torch.Tensor, height: int, width: int) -> torch.Ten
 # the pipeline
 
 
-class FreeSwimPipeline(WanPipeline):
-    """``WanPipeline`` that renders above the training resolution with FreeSwim.
+#: set while :meth:`FreeSwimMixin.from_pipe` runs: the new pipeline's ``to(dtype=...)`` keeps the shared modules' dtypes
+_KEEP_DTYPES: ContextVar[bool] = ContextVar("dit_accel_freeswim_keep_dtypes", default=False)
 
-    Build it from a loaded pipeline (the same components, nothing copied): ``FreeSwimPipeline.from_pipe(pipe)``.
-    Call it like ``WanPipeline`` plus :class:`FreeSwimOptions`' fields (``base_height``, ``base_width``,
-    ``strength``, ``cache_every``, ...). Targets no larger than the base resolution render with the plain Wan pass.
-    ``last_stats`` holds the last refinement's :class:`FreeSwimStats` as a dict.
+
+class FreeSwimMixin:
+    """FreeSwim's stages, shared by every pipeline whose transformer is a Wan.
+
+    A pipeline class mixes it in before its own, e.g. ``FreeSwimPipeline(FreeSwimMixin, WanPipeline)`` or the toy's
+    ``ToyFreeSwimPipeline(FreeSwimMixin, ToyVideoPipeline)``, so ``super().__call__`` is that pipeline's plain pass
+    (the base pass). Only the model-specific steps differ, as small methods a class overrides:
+    :meth:`_make_refiner` (its video-to-video pipeline, whose ``prepare_latents`` encodes and noises the upscaled
+    video), :meth:`decode_to_video` (latents to pixels for the frame upscale), ``vae_scale_factor_spatial`` and
+    ``output_class``. Prompts go through the pipeline's own ``encode_prompt`` with its model-specific keywords
+    (``max_sequence_length`` for Wan's T5). ``last_stats`` holds the last refinement's :class:`FreeSwimStats` as a dict.
     """
 
     last_stats: dict[str, Any] | None = None
+    #: the class of the returned output (``frames`` = the video)
+    output_class: type = WanPipelineOutput
 
-    def _refiner(self, options: FreeSwimOptions) -> WanVideoToVideoPipeline:
-        """diffusers' own video-to-video pipeline on our components, with a fresh scheduler (its shift optional)."""
+    @classmethod
+    def from_pipe(cls, pipeline: Any, **kwargs: Any) -> Any:
+        """diffusers' ``from_pipe`` (the same component objects, nothing copied) that keeps every shared module's
+        dtype unless ``torch_dtype`` is given: diffusers would cast them all to float32, changing the caller's
+        pipeline (a bfloat16 transformer would double in size). The progress-bar settings carry over too."""
+        if "torch_dtype" in kwargs or "dtype" in kwargs:
+            new = super().from_pipe(pipeline, **kwargs)  # type: ignore[misc]
+        else:
+            token = _KEEP_DTYPES.set(True)
+            try:
+                new = super().from_pipe(pipeline, **kwargs)  # type: ignore[misc]
+            finally:
+                _KEEP_DTYPES.reset(token)
+        new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+        return new
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``to``, except the dtype cast that :meth:`from_pipe` makes of the shared modules."""
+        if _KEEP_DTYPES.get() and not args and set(kwargs) == {"dtype"}:
+            return self
+        return super().to(*args, **kwargs)  # type: ignore[misc]
+
+    # -- the model-specific steps ---------------------------------------------------------------------------------
+    def _make_refiner(self, scheduler: Any) -> Any:
+        """The video-to-video pipeline on this pipeline's components (``WanVideoToVideoPipeline``'s interface:
+        ``scheduler``, ``get_timesteps``, ``prepare_latents``, and a call taking already noised ``latents``)."""
+        raise NotImplementedError(f"{type(self).__name__} must say which video-to-video pipeline refines")
+
+    def decode_to_video(self, latents: torch.Tensor) -> torch.Tensor:
+        """The base pass's latents as a (B, C, F, H, W) video in [-1, 1], for the frame upscale."""
+        raise NotImplementedError(f"{type(self).__name__} must say how its latents become frames")
+
+    # -- shared ---------------------------------------------------------------------------------------------------
+    def _refiner(self, options: FreeSwimOptions) -> Any:
+        """The video-to-video pipeline with a fresh scheduler (its shift optional), so ours is never changed."""
         overrides: dict[str, Any] = {}
         if options.refine_shift is not None:
             key = "flow_shift" if "flow_shift" in self.scheduler.config else "shift"
             overrides[key] = float(options.refine_shift)
         scheduler = type(self.scheduler).from_config(self.scheduler.config, **overrides)
-        refiner = WanVideoToVideoPipeline(
-            tokenizer=self.tokenizer,
-            text_encoder=self.text_encoder,
-            vae=self.vae,
-            scheduler=scheduler,
-            transformer=self.transformer,
-        )
+        refiner = self._make_refiner(scheduler)
         refiner.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return refiner
 
@@ -582,7 +620,7 @@ class FreeSwimPipeline(WanPipeline):
         width: int,
         num_inference_steps: int,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        refiner: WanVideoToVideoPipeline | None = None,
+        refiner: Any = None,
     ) -> torch.Tensor:
         """Upscale the base pass's (normalised) latents and noise them to the refinement's first timestep."""
         refiner = refiner or self._refiner(options)
@@ -603,11 +641,7 @@ class FreeSwimPipeline(WanPipeline):
             if hasattr(refiner.scheduler, "add_noise"):
                 return refiner.scheduler.add_noise(init, noise, t0)
             return refiner.scheduler.scale_noise(init, t0, noise)
-        vae = self.vae
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(base_latents.device, vae.dtype)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(base_latents.device, vae.dtype)
-        video = vae.decode(base_latents.to(vae.dtype) * std + mean, return_dict=False)[0].clamp(-1.0, 1.0)
-        video = upscale_video(video, height, width)
+        video = upscale_video(self.decode_to_video(base_latents), height, width)
         return refiner.prepare_latents(
             video, batch, self.transformer.config.in_channels, height, width, torch.float32, device, generator,
             None, t0,
@@ -629,7 +663,7 @@ class FreeSwimPipeline(WanPipeline):
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        refiner: WanVideoToVideoPipeline | None = None,
+        refiner: Any = None,
     ) -> Any:
         """Video-to-video refinement of noised ``latents`` under FreeSwim's hooks; returns the video (or latents)."""
         refiner = refiner or self._refiner(options)
@@ -648,6 +682,10 @@ class FreeSwimPipeline(WanPipeline):
                 )[0]  # fmt: skip
             finally:
                 self.last_stats = hooks.stats.as_dict()
+                self.last_stats.update(
+                    size=[height, width], base_size=[options.base_height, options.base_width],
+                    strength=options.strength, cache_every=options.cache_every,
+                )  # fmt: skip
                 if hooks.geometry is not None:
                     geo = hooks.geometry
                     self.last_stats.update(
@@ -655,6 +693,120 @@ class FreeSwimPipeline(WanPipeline):
                         window_tiles=list(geo.extents), window_span=list(geo.span), scale=hooks.scale,
                     )  # fmt: skip
         return out
+
+    def _freeswim_call(
+        self,
+        options: FreeSwimOptions,
+        *,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        num_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        num_videos_per_prompt: int | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        output_type: str | None,
+        return_dict: bool,
+        attention_kwargs: dict[str, Any] | None,
+        callback_on_step_end: Any,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+        **model_kwargs: Any,
+    ) -> Any:
+        """The whole render: base pass (this pipeline's own call), upscale, FreeSwim refinement. ``model_kwargs``
+        are the pipeline's own extra call arguments (``max_sequence_length`` for Wan), passed to its base pass and
+        its ``encode_prompt``."""
+        self._check_supported()
+        common = dict(
+            num_frames=num_frames, guidance_scale=guidance_scale, generator=generator,
+            attention_kwargs=attention_kwargs, **model_kwargs,
+        )  # fmt: skip
+        if height <= options.base_height and width <= options.base_width and options.window_size is None:
+            self.last_stats = None
+            return super().__call__(  # type: ignore[misc]
+                prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                num_inference_steps=num_inference_steps, num_videos_per_prompt=num_videos_per_prompt, latents=latents,
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, output_type=output_type,
+                return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs or ["latents"], **common,
+            )  # fmt: skip
+        self._grid_of(options.base_height, options.base_width)
+        self._grid_of(height, width)
+        # Encode once; both passes get the same (batch-expanded) embeddings.
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=guidance_scale > 1.0,
+            num_videos_per_prompt=num_videos_per_prompt or 1,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            device=self._execution_device,
+            **model_kwargs,
+        )
+        base = super().__call__(  # type: ignore[misc]
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, height=options.base_height,
+            width=options.base_width, num_inference_steps=options.base_num_inference_steps or num_inference_steps,
+            latents=latents, output_type="latent", return_dict=False, **common,
+        )[0]  # fmt: skip
+        refiner = self._refiner(options)
+        noisy = self.prepare_refinement(
+            base, options, height=height, width=width, num_inference_steps=num_inference_steps, generator=generator,
+            refiner=refiner,
+        )  # fmt: skip
+        video = self.refine(
+            noisy, options, height=height, width=width, num_inference_steps=num_inference_steps,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, guidance_scale=guidance_scale,
+            generator=generator, output_type=output_type or "np", attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, refiner=refiner,
+        )  # fmt: skip
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (video,)
+        return self.output_class(frames=video)
+
+
+class FreeSwimPipeline(FreeSwimMixin, WanPipeline):
+    """``WanPipeline`` that renders above the training resolution with FreeSwim.
+
+    Build it from a loaded pipeline (the same components, nothing copied): ``FreeSwimPipeline.from_pipe(pipe)``;
+    ``from_pipe`` of the toy (a ``ToyVideoPipeline``: its transformer is a Wan, in pixel space) gives the toy's
+    ``ToyFreeSwimPipeline``, which runs the same FreeSwim code. Call it like ``WanPipeline`` plus
+    :class:`FreeSwimOptions`' fields (``base_height``, ``base_width``, ``strength``, ``cache_every``, ...). Targets no
+    larger than the base resolution render with the plain Wan pass. ``last_stats`` holds the last refinement's
+    :class:`FreeSwimStats` as a dict.
+    """
+
+    @classmethod
+    def from_pipe(cls, pipeline: Any, **kwargs: Any) -> Any:
+        """A FreeSwim pipeline on ``pipeline``'s components: this class for a Wan pipeline, the toy's
+        ``ToyFreeSwimPipeline`` for a ``ToyVideoPipeline`` (no VAE, no T5: diffusers' own ``from_pipe`` could not
+        build a ``WanPipeline`` from it)."""
+        toy = _toy_freeswim_class(pipeline) if cls is FreeSwimPipeline else None
+        if toy is not None:
+            return toy.from_pipe(pipeline, **kwargs)
+        return super().from_pipe(pipeline, **kwargs)
+
+    def _make_refiner(self, scheduler: Any) -> WanVideoToVideoPipeline:
+        """diffusers' own video-to-video pipeline on our components."""
+        return WanVideoToVideoPipeline(
+            tokenizer=self.tokenizer,
+            text_encoder=self.text_encoder,
+            vae=self.vae,
+            scheduler=scheduler,
+            transformer=self.transformer,
+        )
+
+    def decode_to_video(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's decode of the (normalised) latents, clamped to [-1, 1]."""
+        vae = self.vae
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents.device, vae.dtype)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents.device, vae.dtype)
+        return vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0].clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def __call__(
@@ -704,54 +856,34 @@ class FreeSwimPipeline(WanPipeline):
             block_size=block_size, tile=tile, cache_dtype=cache_dtype, cache_offload=cache_offload,
             refine_shift=refine_shift, base_num_inference_steps=base_num_inference_steps,
         )  # fmt: skip
-        self._check_supported()
-        common = dict(
-            num_frames=num_frames, guidance_scale=guidance_scale, generator=generator,
-            attention_kwargs=attention_kwargs, max_sequence_length=max_sequence_length,
-        )  # fmt: skip
-        if height <= base_height and width <= base_width and window_size is None:
-            self.last_stats = None
-            return super().__call__(
-                prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-                num_inference_steps=num_inference_steps, num_videos_per_prompt=num_videos_per_prompt, latents=latents,
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, output_type=output_type,
-                return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs or ["latents"], **common,
-            )  # fmt: skip
-        self._grid_of(base_height, base_width)
-        self._grid_of(height, width)
-        # Encode once; both passes get the same (batch-expanded) embeddings.
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            do_classifier_free_guidance=guidance_scale > 1.0,
-            num_videos_per_prompt=num_videos_per_prompt or 1,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
+        return self._freeswim_call(
+            options, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            num_videos_per_prompt=num_videos_per_prompt, generator=generator, latents=latents,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, output_type=output_type,
+            return_dict=return_dict, attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
-            device=self._execution_device,
-        )
-        base = super().__call__(
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, height=base_height,
-            width=base_width, num_inference_steps=options.base_num_inference_steps or num_inference_steps,
-            latents=latents, output_type="latent", return_dict=False, **common,
-        )[0]  # fmt: skip
-        refiner = self._refiner(options)
-        noisy = self.prepare_refinement(
-            base, options, height=height, width=width, num_inference_steps=num_inference_steps, generator=generator,
-            refiner=refiner,
         )  # fmt: skip
-        video = self.refine(
-            noisy, options, height=height, width=width, num_inference_steps=num_inference_steps,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, guidance_scale=guidance_scale,
-            generator=generator, output_type=output_type or "np", attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, refiner=refiner,
-        )  # fmt: skip
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (video,)
-        return WanPipelineOutput(frames=video)
+
+
+def _toy_freeswim_class(pipeline: Any) -> type | None:
+    """The toy's FreeSwim pipeline class when ``pipeline`` is the toy (imported only then), else None."""
+    from ..toy.pipeline import ToyVideoPipeline
+
+    if not isinstance(pipeline, ToyVideoPipeline):
+        return None
+    from ..toy.freeswim import ToyFreeSwimPipeline
+
+    return ToyFreeSwimPipeline
+
+
+def _call_default(pipe: Any, name: str, fallback: int) -> int:
+    try:
+        default = inspect.signature(pipe.__call__).parameters[name].default
+    except (KeyError, TypeError, ValueError):
+        return fallback
+    return default if isinstance(default, int) and not isinstance(default, bool) else fallback
 
 
 def maybe_freeswim(
@@ -761,21 +893,22 @@ def maybe_freeswim(
     base_width: int | None,
     **freeswim_options: Any,
 ) -> tuple[Any, dict[str, Any]]:
-    """``(pipe, kwargs)`` for a render request: a :class:`FreeSwimPipeline` (same components) with ``base_height``,
+    """``(pipe, kwargs)`` for a render request: a FreeSwim pipeline (same components) with ``base_height``,
     ``base_width`` and the non-None ``freeswim_options`` (e.g. ``strength``, ``cache_every``) added when the
     requested size exceeds the base resolution, else both unchanged.
 
-    A missing base side defaults to the target's. Raises ``ValueError`` for a base size on a non-Wan pipeline.
+    A missing target side is the pipeline's own default, a missing base side the target's. Raises ``ValueError``
+    for a base size on a pipeline that is neither Wan text-to-video nor the toy.
     """
     if base_height is None and base_width is None:
         return pipe, request_kwargs
-    if not isinstance(pipe, WanPipeline):
+    if not isinstance(pipe, WanPipeline) and _toy_freeswim_class(pipe) is None:
         raise ValueError(
-            f"--base-height/--base-width: FreeSwim high-resolution rendering needs a Wan text-to-video pipeline; "
-            f"got {type(pipe).__name__}"
+            f"--base-height/--base-width: FreeSwim high-resolution rendering needs a Wan text-to-video pipeline "
+            f"or the toy (ToyVideoPipeline); got {type(pipe).__name__}"
         )
-    height = request_kwargs.get("height") or 480
-    width = request_kwargs.get("width") or 832
+    height = request_kwargs.get("height") or _call_default(pipe, "height", 480)
+    width = request_kwargs.get("width") or _call_default(pipe, "width", 832)
     base_h = base_height or height
     base_w = base_width or width
     if height <= base_h and width <= base_w:

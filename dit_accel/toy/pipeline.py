@@ -179,15 +179,39 @@ class ToyVideoPipeline(DiffusionPipeline):
             latents = latents.to(device=device, dtype=torch.float32)
         self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)
+        latents = self._denoise(
+            latents, timesteps, prompt_embeds, negative_prompt_embeds, attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs,
+        )  # fmt: skip
+        return self._finish(latents, output_type, return_dict)
 
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        *,
+        first_step: int = 0,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Any = None,
+        tensor_inputs: list[str] | None = None,
+    ) -> torch.Tensor:
+        """The Euler loop over ``timesteps``, the schedule's steps from index ``first_step`` on (0 for text-to-video;
+        video-to-video starts part-way), shared by every toy pipeline so all of them drive the transformer alike."""
+        dtype = self.transformer.dtype
+        guidance_scale = self._guidance_scale
+        tensor_inputs = tensor_inputs or ["latents"]
+        total = first_step + len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
                 model_input = latents.to(dtype)
                 timestep = t.expand(latents.shape[0])
-                ctx = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
+                index = first_step + i
+                ctx = {"step_index": index, "sigma": float(self.scheduler.sigmas[index]), "num_inference_steps": total}
                 with self.transformer.cache_context("cond", **ctx):
                     noise_pred = self.transformer(
                         hidden_states=model_input,
@@ -219,8 +243,11 @@ class ToyVideoPipeline(DiffusionPipeline):
                     prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = out.pop("negative_prompt_embeds", negative_prompt_embeds)
                 progress_bar.update()
-
         self._current_timestep = None
+        return latents
+
+    def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool) -> ToyVideoPipelineOutput | tuple:
+        """Pixel space: the latents are the clip in [-1, 1]; "np"/"pt" map it to [0, 1] frames."""
         if output_type == "latent":
             video: np.ndarray | torch.Tensor = latents
         else:
