@@ -270,6 +270,16 @@ def accelerate(
                     f"{type(pipe).__name__} has no scheduler to count them, so every call would stay dense: pass "
                     "num_steps=N (the steps you will run) or an int dense_steps"
                 )
+    for name, transformer in transformers.items():
+        family = find_family(transformer)
+        if configs[name].tile_permutation == "per_forward" and (family is None or family.token_order is None):
+            from .pipelines.families import FAMILIES
+
+            able = ", ".join(f.name for f in FAMILIES if f.token_order is not None)
+            raise ValueError(
+                f"tile_permutation='per_forward' is not supported for {name} ({type(transformer).__name__}, family "
+                f"{family.name if family else None!r}); supported families: {able}; use 'per_call'"
+            )
     accelerators: dict[str, Accelerator] = {}
     ledger = CacheLedger()
     for name, transformer in transformers.items():

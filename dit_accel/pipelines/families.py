@@ -16,9 +16,25 @@ import torch
 
 from ..layout import TokenLayout
 
-__all__ = ["FAMILIES", "Family", "find_family"]
+__all__ = ["FAMILIES", "Family", "TokenOrderSpec", "find_family"]
 
 GridFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[int, int, int] | None]
+
+
+@dataclass(frozen=True)
+class TokenOrderSpec:
+    """Where a family's tokens enter and leave the per-token part of its forward.
+
+    Attributes:
+        entry: the patchify module, whose output (B, C, *grid) becomes the token sequence by ``flatten(2)``.
+        exit: the module whose (B, N, C') output goes on to the unpatchify.
+        per_token: (module, output positions) whose outputs carry the tokens along dim 1 when they have three or
+            more dimensions and N there (RoPE frequencies; per-token timestep embeddings).
+    """
+
+    entry: str
+    exit: str
+    per_token: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,8 @@ class Family:
         square_padding_mask: the processor hands SDPA a boolean (B, 1, N, N) mask that is the outer product of a
             key padding with itself, and its first row is a video token (always valid): that row is the key
             padding (HunyuanVideo 1.5 builds its mask so).
+        token_order: where the tokens enter and leave the per-token part of the forward, for
+            ``tile_permutation="per_forward"`` (:mod:`dit_accel.pipelines.token_order`); None: not supported.
     """
 
     name: str
@@ -49,6 +67,7 @@ class Family:
     text_per_call: bool = False
     text_count: Callable[[dict[str, Any]], int] | None = None
     square_padding_mask: bool = False
+    token_order: TokenOrderSpec | None = None
 
     def sites(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         pattern = re.compile(self.site_pattern)
@@ -170,7 +189,14 @@ def _mochi_grid(model: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("wan", ("WanTransformer3DModel",), r"blocks\.\d+\.attn1", _wan_grid),
+    Family(
+        "wan",
+        ("WanTransformer3DModel",),
+        r"blocks\.\d+\.attn1",
+        _wan_grid,
+        # RoPE's (cos, sin) and Wan 2.2 TI2V's per-token temb / timestep_proj carry the tokens at dim 1
+        token_order=TokenOrderSpec("patch_embedding", "proj_out", (("rope", (0, 1)), ("condition_embedder", (0, 1)))),
+    ),
     # VACE: the control blocks' attn1 is self-attention over the control tokens, laid out on the video's grid
     # (padded with zeros to its length), so they are sites too, after the main blocks in site order
     Family("wan_vace", ("WanVACETransformer3DModel",), r"(blocks|vace_blocks)\.\d+\.attn1", _wan_grid),
