@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .config import ALLOWED, AccelConfig, resolve_config
-from .kernels import backend_for
+from .kernels import auto_choices, backend_for, use_backend
 from .parallel import check_context_parallel, describe
 from .pipelines.families import find_family
 from .runtime import Accelerator, CacheLedger, SiteStats
@@ -86,13 +86,39 @@ class AccelHandle:
             "schedules": {
                 component: acc.config.to_dict(nested=True)["schedule"] for component, acc in self._accelerators.items()
             },
-            "kernel_backend": backend_for(param.device if param is not None else "cpu"),
+            "kernel_backend": self._kernel_backend(param.device if param is not None else torch.device("cpu")),
+            # what kernel_backend="auto" chose per call key (shape, dtype, blocks, density bucket, LSE, features),
+            # with the seconds of each timed candidate and the ones excluded by the check against the reference
+            "kernel_choices": self._kernel_choices(),
             "overall": totals,
             "steps_backwards": sum(acc.tracker.steps_backwards for acc in self._accelerators.values()),
             "transformers": per_transformer,
             "sites": sites,
             "context_parallel": describe(device),  # None single-process; else stats are this rank's heads
         }
+
+    def _kernel_backend(self, device: torch.device) -> str:
+        """One name for the kernels the sparse calls ran: the forced backend, the one ``auto`` chose everywhere,
+        ``auto(a,b)`` when it chose several, or ``auto`` before any sparse call."""
+        names: set[str] = set()
+        for acc in self._accelerators.values():
+            policy = acc.group.kernel_policy
+            with use_backend(policy):
+                forced = policy.backend != "auto" or not _times(device)
+                if forced:
+                    names.add(backend_for(device))
+                else:
+                    names.update(policy.used.values())
+        if len(names) == 1:
+            return names.pop()
+        return f"auto({','.join(sorted(names))})" if names else "auto"
+
+    def _kernel_choices(self) -> dict[str, Any]:
+        table = auto_choices()
+        used: dict[str, str] = {}
+        for acc in self._accelerators.values():
+            used.update(acc.group.kernel_policy.used)
+        return {label: table.get(label, {"backend": backend}) for label, backend in sorted(used.items())}
 
     def __enter__(self) -> AccelHandle:
         return self
@@ -103,6 +129,13 @@ class AccelHandle:
     def __repr__(self) -> str:
         parts = ", ".join(f"{name}={acc.family.name}" for name, acc in self._accelerators.items())
         return f"AccelHandle(method={self.config.method!r}, {parts}, active={self.active})"
+
+
+def _times(device: torch.device) -> bool:
+    """Whether ``auto`` times anything for tensors on ``device`` (``DIT_ACCEL_KERNELS`` may force one backend)."""
+    from .kernels import auto_candidates, requested
+
+    return requested() == "auto" and bool(auto_candidates("block_sparse_attention", device))
 
 
 def xformers_available() -> bool:
@@ -237,6 +270,16 @@ def accelerate(
                     f"{type(pipe).__name__} has no scheduler to count them, so every call would stay dense: pass "
                     "num_steps=N (the steps you will run) or an int dense_steps"
                 )
+    for name, transformer in transformers.items():
+        family = find_family(transformer)
+        if configs[name].tile_permutation == "per_forward" and (family is None or family.token_order is None):
+            from .pipelines.families import FAMILIES
+
+            able = ", ".join(f.name for f in FAMILIES if f.token_order is not None)
+            raise ValueError(
+                f"tile_permutation='per_forward' is not supported for {name} ({type(transformer).__name__}, family "
+                f"{family.name if family else None!r}); supported families: {able}; use 'per_call'"
+            )
     accelerators: dict[str, Accelerator] = {}
     ledger = CacheLedger()
     for name, transformer in transformers.items():

@@ -34,7 +34,7 @@ def info() -> None:
     import torch
 
     import dit_accel
-    from dit_accel.kernels import backend_for
+    from dit_accel.kernels import auto_candidates, backend_for, requested
     from dit_accel.pipelines.families import FAMILIES
 
     def installed(name: str) -> str:
@@ -48,7 +48,14 @@ def info() -> None:
     typer.echo(f"methods: {', '.join(dit_accel.METHODS)} (default: {dit_accel.DEFAULT_METHOD})")
     for fam in FAMILIES:
         typer.echo(f"  {fam.name:14s} {', '.join(fam.classes)}")
-    typer.echo(f"kernel backend on {device}: {backend_for(device)}")
+    timed = ", ".join((*auto_candidates("block_sparse_attention", device), "reference"))
+    if requested() not in ("auto", "default"):
+        typer.echo(f"kernel backend on {device}: {backend_for(device)} (DIT_ACCEL_KERNELS={requested()})")
+    else:
+        typer.echo(
+            f"kernel backend on {device}: auto (kernel_backend default: times {timed} on the first call per shape "
+            f"and density bucket, see handle.stats()['kernel_choices']); untimed calls: {backend_for(device)}"
+        )
     typer.echo(
         f"python {platform.python_version()}, torch {torch.__version__}, diffusers {installed('diffusers')}, "
         f"triton {installed('triton')}"

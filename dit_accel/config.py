@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
+from .kernels.backends import check_backend
 from .parts import (
     COMPENSATIONS,
     PATTERNS,
@@ -41,6 +42,10 @@ __all__ = [
 ]
 
 DENSE_BACKENDS = ("sdpa", "xformers")
+#: where the 3D-tile permutation of the tokens happens: gathered and scattered back around each sparse call, or
+#: once per transformer forward (the model's hidden states in tile order between its first block and its output
+#: projection; families that support it only, see :mod:`dit_accel.pipelines.token_order`)
+TILE_PERMUTATIONS = ("per_call", "per_forward")
 
 Part = PatternConfig | CompensationConfig | ScheduleConfig
 _PART_TYPES: dict[str, type[Any]] = {
@@ -64,8 +69,10 @@ FLAT_OPTIONS: tuple[str, ...] = (
     "threshold_scope", "tile", "window", "raster_fraction", "vmoba_chunks", "vmoba_select", "vmoba_topk",
     "vmoba_chunk_size", "vmoba_gate", "vmoba_scope", "ramp", "rho_clamp", "feature_map", "negligible",
     "linear_weight", "refresh_every", "reuse_pattern_every", "refresh_drift", "cache_dtype", "cache_offload",
-    "cache_budget_mb",
+    "cache_budget_mb", "kernel_backend", "tile_permutation",
 )  # fmt: skip
+#: the options that belong to no part (the integration's choices)
+TOP_LEVEL: tuple[str, ...] = ("dense_backend", "kernel_backend", "tile_permutation")
 #: every option ``accelerate`` and :class:`AccelConfig` take besides ``method``
 ALLOWED: tuple[str, ...] = tuple(sorted(set(FLAT_OPTIONS) - {"method"} | {"schedule"}))
 KINDS: dict[str, tuple[str, ...]] = {"pattern": PATTERNS, "compensation": COMPENSATIONS}
@@ -129,6 +136,13 @@ class AccelConfig:
         schedule: dense steps and layers, refreshes, pattern reuse (:class:`ScheduleConfig`).
         dense_backend: what computes dense calls: ``sdpa`` (the model's own call, bit-exact) or ``xformers``
             (memory-efficient attention from the optional ``xformers`` extra; must be installed).
+        kernel_backend: what computes the sparse calls: ``auto`` (default: the attention functions time their
+            candidates on the first call per shape and density bucket, each checked against the exact reference,
+            and keep the fastest; :mod:`dit_accel.kernels.auto`) or a backend name forcing it (``triton``,
+            ``flex``, ``cpu``, ``reference``). It wins over ``DIT_ACCEL_KERNELS``, which replaces ``auto`` only.
+        tile_permutation: ``per_call`` (default: q, k, v gathered into 3D tiles and the output scattered back at
+            each sparse call) or ``per_forward`` (the hidden states permuted once per transformer forward; Wan
+            only, with patterns whose tile order is the same at every layer).
 
     Every field of the parts also reads flat, as before: ``config.sparsity``, ``config.ramp``,
     ``config.refresh_every``, ... (see the parts for what each means).
@@ -139,6 +153,8 @@ class AccelConfig:
     compensation: CompensationConfig
     schedule: ScheduleConfig
     dense_backend: str
+    kernel_backend: str
+    tile_permutation: str
 
     # -- flat read access: the fields of the parts --------------------------------------------------------------
     sparsity = _Flat[float]("pattern")
@@ -184,12 +200,17 @@ class AccelConfig:
         compensation: str | CompensationConfig | None = None,
         schedule: ScheduleConfig | None = None,
         dense_backend: str | None = None,
+        kernel_backend: str | None = None,
+        tile_permutation: str | None = None,
         **options: Any,
     ) -> None:
         unknown = sorted(set(options) - set(OWNER))
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(ALLOWED)}")
-        named = {"method": method, "dense_backend": dense_backend}
+        named = {
+            "method": method, "dense_backend": dense_backend, "kernel_backend": kernel_backend,
+            "tile_permutation": tile_permutation,
+        }  # fmt: skip
         explicit = set(options) | {name for name, value in named.items() if value is not None}
         method = DEFAULT_METHOD if method is None else method
         if method not in PRESETS:
@@ -197,6 +218,9 @@ class AccelConfig:
         backend = "sdpa" if dense_backend is None else dense_backend
         if backend not in DENSE_BACKENDS:
             raise ValueError(f"dense_backend={backend!r} is unknown; allowed: {', '.join(DENSE_BACKENDS)}")
+        kernels = check_backend("auto" if kernel_backend is None else kernel_backend, "kernel_backend")
+        order = "per_call" if tile_permutation is None else tile_permutation
+        _choice("tile_permutation", order, TILE_PERMUTATIONS)
         preset = PRESETS[method]
         given = {"pattern": pattern, "compensation": compensation, "schedule": schedule}
         values: dict[str, dict[str, Any]] = {}
@@ -219,6 +243,9 @@ class AccelConfig:
         object.__setattr__(self, "compensation", CompensationConfig(**values["compensation"]))
         object.__setattr__(self, "schedule", ScheduleConfig(**values["schedule"]))
         object.__setattr__(self, "dense_backend", backend)
+        object.__setattr__(self, "kernel_backend", kernels)
+        object.__setattr__(self, "tile_permutation", order)
+        _check_tile_permutation(self)
         object.__setattr__(self, "_explicit", frozenset(explicit))
 
     @property
@@ -242,7 +269,7 @@ class AccelConfig:
             return self
         schedule = dataclasses.replace(schedule, **{name: getattr(self.schedule, name) for name in given})
         out = object.__new__(AccelConfig)
-        for name in ("method", "pattern", "compensation", "dense_backend"):
+        for name in ("method", "pattern", "compensation", *TOP_LEVEL):
             object.__setattr__(out, name, getattr(self, name))
         object.__setattr__(out, "schedule", schedule)
         object.__setattr__(out, "_explicit", self.explicit_fields)
@@ -266,10 +293,11 @@ class AccelConfig:
 
     def to_dict(self, nested: bool = False) -> dict[str, Any]:
         """Every option by its flat name (the shape stats and sweep records use); ``nested=True`` gives
-        ``{"method", "dense_backend", "pattern": {...}, "compensation": {...}, "schedule": {...}}`` instead,
+        ``{"method", "dense_backend", "kernel_backend", "tile_permutation", "pattern": {...}, "compensation":
+        {...}, "schedule": {...}}`` instead,
         whose part dicts rebuild the parts (``PatternConfig(**d["pattern"])``)."""
         if nested:
-            out: dict[str, Any] = {"method": self.method, "dense_backend": self.dense_backend}
+            out: dict[str, Any] = {"method": self.method, **{name: getattr(self, name) for name in TOP_LEVEL}}
             for part in _PART_TYPES:
                 out[part] = dataclasses.asdict(getattr(self, part))
             out["schedule"]["dense_layers"] = list(self.dense_layers)
@@ -277,6 +305,21 @@ class AccelConfig:
         flat = {name: self.flat(name) for name in FLAT_OPTIONS}
         flat["dense_layers"] = list(self.dense_layers)
         return flat
+
+
+def _check_tile_permutation(config: AccelConfig) -> None:
+    """``per_forward`` permutes the hidden states once for every layer, so every layer must use the same tile
+    order: the 3D-tile patterns (window, inward, tiled top-k / threshold). VMoBA's order changes per layer."""
+    if config.tile_permutation == "per_call":
+        return
+    kind = config.pattern.kind
+    tiled = kind in ("window", "inward") or kind in SCORED_PATTERNS and config.pattern.tiled
+    if not tiled:
+        raise ValueError(
+            f"tile_permutation={config.tile_permutation!r} does not apply to pattern {kind!r}"
+            f"{' with tiled=False' if kind in SCORED_PATTERNS else ''}: it needs one 3D-tile order for every layer "
+            "(pattern 'window' or 'inward', or 'topk' / 'threshold' with tiled=True); use 'per_call'"
+        )
 
 
 def _drop_preset_leftovers(cls: type[Any], values: dict[str, Any], user: set[str]) -> None:

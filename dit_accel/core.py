@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .config import AccelConfig
+from .kernels.backends import KernelPolicy, use_backend
 from .kernels.masks import key_padding_from_mask
 from .methods import CacheBudgetError, Method, SiteCall, SparseResult, build_method
 from .schedule import dense_reason, resolve_drift
@@ -318,7 +319,8 @@ class SiteCore:
             self.stats.dense_calls += 1
             self.stats.dense_reasons[reason] += 1
             return dense(), "dense", reason, None
-        result = group.method.attend(call)
+        with use_backend(group.kernel_policy):  # the config's kernel_backend for the method's kernel calls
+            result = group.method.attend(call)
         self._record(result, call)
         return result.out.to(q.dtype), result.kind, None, result.density
 
@@ -366,6 +368,8 @@ class SiteGroup:
         self.method: Method = method if method is not None else build_method(config)
         self.ledger = ledger if ledger is not None else CacheLedger()
         self.text_tokens = text_tokens
+        #: the config's ``kernel_backend``, and what ``auto`` chose for this group's calls (``handle.stats()``)
+        self.kernel_policy = KernelPolicy(config.kernel_backend)
         self.sites: list[SiteCore] = []
         self._by_index: dict[int, SiteCore] = {}
         #: Callables receiving a :class:`SiteEvent` per attention call; empty (and free) unless an evaluator
@@ -385,6 +389,7 @@ class SiteGroup:
         """Switch to another method object (FreeSwim: a new window geometry); the sites' state is dropped."""
         self.method = method
         self.config = method.config
+        self.kernel_policy = KernelPolicy(self.config.kernel_backend)
         self.new_generation()
 
     def new_generation(self) -> None:

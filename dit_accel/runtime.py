@@ -27,9 +27,10 @@ from .config import AccelConfig
 from .core import CacheLedger, SiteCore, SiteEvent, SiteGroup, SiteStats
 from .kernels import ops
 from .methods import Method
-from .parallel import enter_forward
+from .parallel import describe, enter_forward
 from .pipelines.families import Family
-from .schedule import all_steps_dense
+from .pipelines.token_order import ForwardOrder
+from .schedule import all_steps_dense, dense_reason
 from .state import StepTracker
 
 __all__ = ["Accelerator", "CacheLedger", "SiteEvent", "SiteStats", "bind_sdpa", "remove_hook", "xformers_dense"]
@@ -247,6 +248,10 @@ class Accelerator:
         self._steps_generation = -1
         self._seen: set[int] | None = None  # sites whose attention ran in the open forward (skipped = the rest)
         self._warned_all_dense = False
+        #: the whole-forward tile order (``tile_permutation="per_forward"``), None with the per-call gather
+        self.order: ForwardOrder | None = None
+        if config.tile_permutation == "per_forward" and family.token_order is not None:
+            self.order = ForwardOrder(transformer, family.token_order)
 
     @property
     def method(self) -> Method:
@@ -282,6 +287,8 @@ class Accelerator:
             hook = _SiteHook(self, site)
             HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, SITE_HOOK)
             hook.fn_ref.__class__ = _SiteFunctionReference  # survives the removal of a hook below it
+        if self.order is not None:
+            self.order.install()
         self._installed = True
 
     def remove(self) -> None:
@@ -289,6 +296,8 @@ class Accelerator:
             return
         for site in self.sites:
             remove_hook(site.module, SITE_HOOK)
+        if self.order is not None:
+            self.order.remove()
         self.group.new_generation()
         remove_hook(self.transformer, STATE_HOOK)
         if self._op_id is not None:
@@ -327,7 +336,9 @@ class Accelerator:
         )  # fmt: skip
 
     @torch.compiler.disable
-    def begin_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], context: Any) -> None:
+    def begin_forward(
+        self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], context: Any, compiled: bool = False
+    ) -> None:
         enter_forward(module)  # refuses unsupported context parallelism; sets the Ulysses head group
         bound = self.family.bind(module, args, kwargs)
         layout = self.family.layout(module, bound)
@@ -342,12 +353,33 @@ class Accelerator:
         if state.generation != generation:
             self.group.new_generation()
         self._note_step(state.generation, state.step)
+        state.token_order = None if compiled else self._forward_order(module, bound, layout)
         self._seen = set()
         if not self._warned_all_dense:
             message = all_steps_dense(self.config, self.tracker.state.num_steps)
             if message is not None:
                 self._warned_all_dense = True
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def _forward_order(
+        self, module: torch.nn.Module, bound: dict[str, Any], layout: Any
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The tile order this forward runs in (``tile_permutation="per_forward"``), or None: not asked for, no
+        layout, context parallelism (its hooks split the raster sequence), or no site can be sparse in it (a dense
+        step stays exactly the model's own)."""
+        if self.order is None:
+            return None
+        self.order.begin(None, None)
+        hidden = bound.get("hidden_states")
+        if layout is None or not isinstance(hidden, torch.Tensor) or describe(module) is not None:
+            return None
+        n, state = layout.total_tokens, self.tracker.state
+        if all(dense_reason(self.config, site.index, n, state) is not None for site in self.sites):
+            return None
+        order = self.method.forward_order(layout, n, hidden.device)
+        if order is not None:
+            self.order.begin(*order)
+        return order
 
     def _note_step(self, generation: int, step: int) -> None:
         self.forwards += 1
@@ -365,6 +397,9 @@ class Accelerator:
     @torch.compiler.disable
     def end_forward(self) -> None:
         self.tracker.end()
+        self.tracker.state.token_order = None
+        if self.order is not None:
+            self.order.end()
         self.group.end_forward()
         seen, self._seen = self._seen, None
         if seen is not None:  # a site that saw no call in this forward was skipped by a step cache
@@ -420,7 +455,7 @@ class Accelerator:
 
     def begin_forward_from_op(self, args: tuple, kwargs: dict[str, Any]) -> None:
         assert self._state_hook is not None
-        self.begin_forward(self.transformer, args, kwargs, self._state_hook.context._context)
+        self.begin_forward(self.transformer, args, kwargs, self._state_hook.context._context, compiled=True)
 
     def attention_from_op(self, site: int, kwargs: dict[str, Any]) -> torch.Tensor:
         return self.attention(self.group.site(site), F.scaled_dot_product_attention, (), kwargs)

@@ -30,6 +30,9 @@ class DenoiseState:
     timestep: float | None = None
     layout: TokenLayout | None = None
     active: bool = False
+    #: ``(perm, inv)`` when the model's tokens run in that order for this whole forward
+    #: (``tile_permutation="per_forward"``: the attention inputs arrive as ``x[:, :, perm]``), else None
+    token_order: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass

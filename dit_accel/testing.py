@@ -26,8 +26,9 @@ HOST_SYNCS = {
 class HostSyncCounter(TorchFunctionMode):
     """Counts host-sync calls made inside it, by ``where`` (a label the caller sets around what it measures).
 
-    Calls from the PyTorch reference kernels (the CPU oracle; on CUDA the Triton kernels run) and from the fused CPU
-    kernels (CPU tensors only, where a "sync" waits for nothing) are left out.
+    Calls from the PyTorch reference kernels (the CPU oracle; on CUDA the Triton kernels run), from the fused CPU
+    kernels (CPU tensors only, where a "sync" waits for nothing) and from ``kernel_backend="auto"``'s check and
+    timing (once per call key and process, like the Triton autotuner's benchmark) are left out.
     """
 
     def __init__(self) -> None:
@@ -44,7 +45,9 @@ class HostSyncCounter(TorchFunctionMode):
 def _in_reference_kernels() -> bool:
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_filename.endswith(("kernels/reference.py", "kernels/masks.py", "kernels/cpu.py")):
+        if frame.f_code.co_filename.endswith(
+            ("kernels/reference.py", "kernels/masks.py", "kernels/cpu.py", "kernels/auto.py")
+        ):
             return True
         frame = frame.f_back
     return False

@@ -21,6 +21,8 @@ ADDED = {
     "vmoba_chunk_size": None,
     "vmoba_gate": "block",
     "vmoba_scope": "query_head",
+    "kernel_backend": "auto",
+    "tile_permutation": "per_call",
 }
 #: deliberate changes since the fixture, each with its reason
 CHANGED = {

@@ -1,10 +1,14 @@
 """Attention kernels behind one dispatching API.
 
-On CUDA the public functions run the Triton kernels when they are available; on the CPU the fused CPU path in
-:mod:`dit_accel.kernels.cpu` (PyTorch's CPU flash kernel, exact, falling back to the reference for what it does not
-cover); elsewhere the exact PyTorch references in :mod:`dit_accel.kernels.reference`. ``DIT_ACCEL_KERNELS`` forces
-one: ``triton``, ``cpu``, ``flex`` (FlexAttention from the LUT, :mod:`dit_accel.kernels.flex`) or ``reference``
-(with ``TRITON_INTERPRET=1`` the Triton kernels run on the CPU, for tests).
+By default (a kernel called directly) the public functions run the Triton kernels on CUDA when they are available;
+on the CPU the fused CPU path in :mod:`dit_accel.kernels.cpu` (PyTorch's CPU flash kernel, exact, falling back to
+the reference for what it does not cover); elsewhere the exact PyTorch references in
+:mod:`dit_accel.kernels.reference`. Inside an accelerated call the config's ``kernel_backend`` applies: ``"auto"``
+(the default) times the candidates of the attention functions once per shape and density bucket and caches the
+winner (:mod:`dit_accel.kernels.auto`); a backend name forces it. ``DIT_ACCEL_KERNELS`` forces one process-wide
+(below an explicit ``kernel_backend``, see :mod:`dit_accel.kernels.backends`): ``triton``, ``cpu``, ``flex``
+(FlexAttention from the LUT, :mod:`dit_accel.kernels.flex`), ``reference`` or ``auto`` (with
+``TRITON_INTERPRET=1`` the Triton kernels run on the CPU, for tests).
 
 The attention functions take an optional ``key_padding`` (bool (B, N), True = attend): SDPA's boolean
 key-padding mask, applied inside the kernels (:func:`key_padding_from_mask` reads it from an ``attn_mask``).
@@ -12,15 +16,20 @@ key-padding mask, applied inside the kernels (:func:`key_padding_from_mask` read
 
 from __future__ import annotations
 
-import os
+import functools
+from typing import Any
 
 import torch
 
-from . import cpu, reference
+from . import auto, cpu, reference
+from .backends import BACKENDS, KernelPolicy, current_policy, requested, use_backend
 from .masks import key_padding_from_mask
 
 __all__ = [
+    "BACKENDS",
     "SUPPORTED_BLOCK_SIZES",
+    "KernelPolicy",
+    "auto_candidates",
     "backend_for",
     "block_sparse_attention",
     "dense_attention",
@@ -32,10 +41,27 @@ __all__ = [
     "pack_groups",
     "reference",
     "topk_mask",
+    "use_backend",
 ]
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
-_BACKENDS = ("auto", "triton", "cpu", "flex", "reference")
+#: per device type and attention function, the backends ``auto`` times besides the reference (in this order; the
+#: reference is timed too on the CPU only: on a GPU it never wins and costs seconds per call at video sizes).
+#: FlexAttention's pair on CUDA would take its dense half from the reference, so only Triton competes there.
+#: Eager FlexAttention on the CPU evaluates its mask everywhere and was 2.5-20x slower than the fused CPU path
+#: in ``scripts/bench_auto.py`` (and slower than the reference), so it is not a CPU candidate
+#: (``kernel_backend="flex"`` still forces it).
+_CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
+    "cuda": {
+        "block_sparse_attention": ("triton", "flex"),
+        "block_sparse_attention_pair": ("triton",),
+        "sparse_linear_attention": ("triton",),
+    },
+    "cpu": {
+        "block_sparse_attention": ("cpu",),
+        "block_sparse_attention_pair": ("cpu",),
+    },
+}
 
 
 def _triton_available() -> bool:
@@ -47,21 +73,21 @@ def _triton_available() -> bool:
 
 
 def backend_for(device: torch.device | str) -> str:
-    """Which implementation runs for tensors on ``device``: ``"triton"``, ``"cpu"``, ``"flex"`` (FlexAttention,
-    only when forced) or ``"reference"``."""
-    forced = os.environ.get("DIT_ACCEL_KERNELS", "auto").strip().lower() or "auto"
-    if forced not in _BACKENDS:
-        raise ValueError(f"DIT_ACCEL_KERNELS={forced!r} is not one of {', '.join(_BACKENDS)}")
+    """Which implementation runs for tensors on ``device`` when nothing is timed: ``"triton"``, ``"cpu"``,
+    ``"flex"`` (FlexAttention, only when forced) or ``"reference"``. Under ``auto`` this is the fixed device default:
+    what every untimed function runs, and the attention functions when a call cannot be timed (see
+    :mod:`dit_accel.kernels.auto`); the timed choices are in :func:`auto_choices`."""
+    forced = requested()
     if forced in ("reference", "flex"):
         return forced
     if forced == "triton":
         if not _triton_available():
             raise RuntimeError("DIT_ACCEL_KERNELS=triton but the Triton kernels cannot be imported")
         return "triton"
-    device = torch.device(device)  # forced is "auto" or "cpu" here
+    device = torch.device(device)  # forced is "auto", "default" or "cpu" here
     if device.type == "cpu":
         return "cpu"
-    if forced == "auto" and device.type == "cuda" and _triton_available():
+    if forced != "cpu" and device.type == "cuda" and _triton_available():
         return "triton"
     return "reference"  # elsewhere, and "cpu" forced for tensors elsewhere: the CPU kernels take CPU tensors only
 
@@ -105,8 +131,9 @@ def block_sparse_attention(
     See :mod:`dit_accel.kernels.reference` for the layout of ``kv_indices`` and ``kv_counts``.
     """
     _check_block(block_m, block_n)
-    return _impl("block_sparse_attention", q.device)(
-        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
+    return _attention(
+        "block_sparse_attention", q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale,
+        return_lse=return_lse,
         return_mass=return_mass, key_padding=key_padding, key_groups=key_groups, query_groups=query_groups,
         rho=rho, residual=residual, rho_add=rho_add, rho_clamp=rho_clamp,
     )  # fmt: skip
@@ -130,8 +157,9 @@ def block_sparse_attention_pair(
     in one pass over the key blocks by the Triton kernel; ``key_padding`` masks keys in both, the groups (see
     :func:`block_sparse_attention`) restrict the sparse half."""
     _check_block(block_m, block_n)
-    return _impl("block_sparse_attention_pair", q.device)(
-        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, key_padding=key_padding,
+    return _attention(
+        "block_sparse_attention_pair", q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n,
+        scale=scale, key_padding=key_padding,
         key_groups=key_groups, query_groups=query_groups,
     )  # fmt: skip
 
@@ -159,9 +187,9 @@ def sparse_linear_attention(
     (methods pass the pattern's), so the Triton kernel's helper LUTs are built once per pattern, not per call.
     """
     _check_block(block_m, block_n)
-    return _impl("sparse_linear_attention", q.device)(
-        q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, negligible=negligible,
-        feature_map=feature_map, scale=scale, key_padding=key_padding, helper_cache=helper_cache,
+    return _attention(
+        "sparse_linear_attention", q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n,
+        negligible=negligible, feature_map=feature_map, scale=scale, key_padding=key_padding, helper_cache=helper_cache,
     )  # fmt: skip
 
 
@@ -252,19 +280,92 @@ def unpermute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return _impl("unpermute_tokens", x.device)(x, perm)
 
 
+def auto_candidates(name: str, device: torch.device | str) -> tuple[str, ...]:
+    """The backends ``auto`` times for attention function ``name`` on ``device`` besides the reference (those that
+    import here)."""
+    device = torch.device(device)
+    names = _CANDIDATES.get(device.type, {}).get(name, ())
+    return tuple(b for b in names if b != "triton" or _triton_available())
+
+
+def auto_choices() -> dict[str, dict[str, Any]]:
+    """What ``auto`` chose in this process, by readable key: backend, seconds per timed candidate, exclusions."""
+    return {
+        auto.key_label(key): {"backend": c.backend, "seconds": dict(c.seconds), "excluded": dict(c.excluded)}
+        for key, c in auto.choices().items()
+    }
+
+
+def _features(name: str, kwargs: dict[str, Any]) -> tuple[str, ...]:
+    """The options of a call that change which code path runs (so they are timed apart)."""
+    flags = {
+        "mass": bool(kwargs.get("return_mass")),
+        "kpad": kwargs.get("key_padding") is not None,
+        "groups": kwargs.get("key_groups") is not None,
+        "reshape": kwargs.get("rho") is not None,
+        "negligible": kwargs.get("negligible") is not None,
+    }
+    out = tuple(flag for flag, on in flags.items() if on)
+    if name == "sparse_linear_attention":
+        out += (str(kwargs.get("feature_map", "softmax")),)
+    return out
+
+
+def _attention(
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    **kwargs: Any,
+):
+    """Attention function ``name`` by the backend asked for; under ``auto`` the timed choice for this call's key."""
+    device = q.device
+    args = (q, k, v, kv_indices, kv_counts)
+    fixed = _impl(name, device)
+    candidates = auto_candidates(name, device) if requested() == "auto" else ()
+    if not candidates:
+        return fixed(*args, **kwargs)
+    lse = bool(kwargs.get("return_lse", True)) or name != "block_sparse_attention"
+    bucket = auto.density_bucket(kv_indices, q.shape[2], kwargs["block_n"])
+    shape = (*q.shape, v.shape[-1])
+    key = (
+        name, device.type, str(q.dtype), shape, kwargs["block_m"], kwargs["block_n"], bucket, lse,
+        _features(name, kwargs),
+    )  # fmt: skip
+    calls = {b: functools.partial(getattr(_module(b), name), *args, **kwargs) for b in candidates}
+    result, chosen = auto.run(
+        key, device, q.dtype, calls, functools.partial(getattr(reference, name), *args, **kwargs),
+        functools.partial(fixed, *args, **kwargs), timeable=auto.can_time(device, (q, k, v)),
+        time_reference=device.type == "cpu",
+    )  # fmt: skip
+    policy = current_policy()
+    if policy is not None:
+        policy.used[auto.key_label(key)] = backend_for(device) if chosen == "fallback" else chosen
+    return result
+
+
+def _module(backend: str) -> Any:
+    """The module implementing ``backend`` (imported on first use: Triton and FlexAttention are heavy)."""
+    if backend == "triton":
+        from . import triton_block_sparse
+
+        return triton_block_sparse
+    if backend == "flex":
+        from . import flex
+
+        return flex
+    return {"cpu": cpu, "reference": reference}[backend]
+
+
 def _impl(name: str, device: torch.device):
     """The Triton, fused-CPU or reference function ``name`` for tensors on ``device`` (the CPU module covers the
     attention calls; everything else there is the reference's)."""
     backend = backend_for(device)
     if backend == "triton":
-        from . import triton_block_sparse
-
-        return getattr(triton_block_sparse, name)
-    if backend in ("cpu", "flex"):
-        from . import cpu, flex
-
-        return getattr(cpu if backend == "cpu" else flex, name, None) or getattr(reference, name)
-    return getattr(reference, name)
+        return getattr(_module("triton"), name)
+    return getattr(_module(backend), name, None) or getattr(reference, name)
 
 
 def dense_attention(

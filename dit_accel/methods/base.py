@@ -59,3 +59,10 @@ class Method:
 
     def attend(self, call: SiteCall) -> SparseResult:
         raise NotImplementedError
+
+    def forward_order(
+        self, layout: TokenLayout, n: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(perm, inv)``: the token order every site of a forward with this layout works in, when the same for
+        all of them (``tile_permutation="per_forward"`` then runs the whole forward in it); None otherwise."""
+        return None

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..compensation import SLAProjections, combine_linear, reshape_statistics
 from ..config import AccelConfig
+from ..layout import TokenLayout
 from ..patterns import GEOMETRIC_PATTERNS, Plan, build_pattern, plan_for
 from ..patterns.vmoba import vmoba_keep
 from ..schedule import lse_drift, needs_statistics, plan_call
@@ -62,16 +63,28 @@ class ComposedMethod(Method):
     # -- helpers --------------------------------------------------------------------------------------------
     def plan(self, call: SiteCall) -> Plan:
         """The site's token order and groups for this sequence shape (cached: geometry only)."""
-        n = call.q.shape[2]
-        partition_key = call.site_index % 3 if self.config.pattern.kind == "vmoba" else 0
-        key = (partition_key, n, call.layout, call.q.device.type, call.q.device.index)
+        return self._plan(call.layout, call.q.shape[2], call.site_index, call.q.device)
+
+    def _plan(self, layout: TokenLayout | None, n: int, site_index: int, device: torch.device) -> Plan:
+        partition_key = site_index % 3 if self.config.pattern.kind == "vmoba" else 0
+        key = (partition_key, n, layout, device.type, device.index)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) > 64:
                 self._plans.clear()
-            plan = plan_for(self.config, call.layout, n, call.site_index, call.q.device)
+            plan = plan_for(self.config, layout, n, site_index, device)
             self._plans[key] = plan
         return plan
+
+    def forward_order(
+        self, layout: TokenLayout, n: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The plan's tile order, shared by every site (VMoBA's changes per layer: None); the same tensors as the
+        sites' plans (one cache), so :meth:`attend` recognises inputs already in it."""
+        if self.config.pattern.kind == "vmoba" or layout.total_tokens != n or layout.text_tokens:
+            return None
+        plan = self._plan(layout, n, 0, device)
+        return (plan.perm, plan.inv) if plan.perm is not None and plan.inv is not None else None
 
     def _lut(self, pattern: BlockPattern, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx, counts = pattern.kv_indices, pattern.kv_counts
@@ -132,7 +145,12 @@ class ComposedMethod(Method):
         q, k, v = call.q, call.k, call.v
         # key padding (kernel order): the kernels mask its keys, patterns drop its fully masked blocks
         kp = call.key_padding
-        if plan.perm is not None:
+        order = call.state.token_order  # the whole forward runs in this order (tile_permutation="per_forward")
+        ready = order is not None and order[0] is plan.perm  # the inputs are in kernel order already
+        if order is not None and not ready:  # another order than this plan's: back to the native one first
+            q, k, v = (kernels.permute_tokens(x, order[1]) for x in (q, k, v))
+            kp = kp.index_select(1, order[1]) if kp is not None else None
+        if plan.perm is not None and not ready:
             q, k, v = (kernels.permute_tokens(x, plan.perm) for x in (q, k, v))
             kp = kp.index_select(1, plan.perm) if kp is not None else None
         shape = (plan.n, *q.shape[:2])
@@ -150,8 +168,10 @@ class ComposedMethod(Method):
             result = SparseResult(
                 out=out, density=pattern.density, video_density=pattern.video_density, pattern_built=rebuild
             )
-        if plan.inv is not None:
+        if plan.inv is not None and not ready:
             result.out = kernels.permute_tokens(result.out, plan.inv)
+        if order is not None and not ready:
+            result.out = kernels.permute_tokens(result.out, order[0])
         return result
 
     def _refresh(

@@ -16,9 +16,25 @@ import torch
 
 from ..layout import TokenLayout
 
-__all__ = ["FAMILIES", "Family", "find_family"]
+__all__ = ["FAMILIES", "Family", "TokenOrderSpec", "find_family"]
 
 GridFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[int, int, int] | None]
+
+
+@dataclass(frozen=True)
+class TokenOrderSpec:
+    """Where a family's tokens enter and leave the per-token part of its forward.
+
+    Attributes:
+        entry: the patchify module, whose output (B, C, *grid) becomes the token sequence by ``flatten(2)``.
+        exit: the module whose (B, N, C') output goes on to the unpatchify.
+        per_token: (module, output positions) whose outputs carry the tokens along dim 1 when they have three or
+            more dimensions and N there (RoPE frequencies; per-token timestep embeddings).
+    """
+
+    entry: str
+    exit: str
+    per_token: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,8 @@ class Family:
             bare transformer's generation restarts when it drops, not when it rises.
         new_timesteps_new_generation: the pipeline resets no hooks after a call (a modular pipeline), so the
             scheduler's timesteps set anew are what starts a new generation.
+        token_order: where the tokens enter and leave the per-token part of the forward, for
+            ``tile_permutation="per_forward"`` (:mod:`dit_accel.pipelines.token_order`); None: not supported.
     """
 
     name: str
@@ -58,6 +76,7 @@ class Family:
     step_timestep: Callable[[dict[str, Any]], Any] | None = None
     timestep_rises: bool = False
     new_timesteps_new_generation: bool = False
+    token_order: TokenOrderSpec | None = None
 
     def sites(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         pattern = re.compile(self.site_pattern)
@@ -252,7 +271,14 @@ def _minimax_h3_timestep(bound: dict[str, Any]) -> Any:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("wan", ("WanTransformer3DModel",), r"blocks\.\d+\.attn1", _wan_grid),
+    Family(
+        "wan",
+        ("WanTransformer3DModel",),
+        r"blocks\.\d+\.attn1",
+        _wan_grid,
+        # RoPE's (cos, sin) and Wan 2.2 TI2V's per-token temb / timestep_proj carry the tokens at dim 1
+        token_order=TokenOrderSpec("patch_embedding", "proj_out", (("rope", (0, 1)), ("condition_embedder", (0, 1)))),
+    ),
     # VACE: the control blocks' attn1 is self-attention over the control tokens, laid out on the video's grid
     # (padded with zeros to its length), so they are sites too, after the main blocks in site order
     Family("wan_vace", ("WanVACETransformer3DModel",), r"(blocks|vace_blocks)\.\d+\.attn1", _wan_grid),
