@@ -67,9 +67,9 @@ FLAT_OPTIONS: tuple[str, ...] = (
     "method", "sparsity", "block_m", "block_n", "min_tokens", "dense_steps", "dense_layers", "num_steps", "smooth_k",
     "sink_blocks", "self_block", "keep_rounding", "dense_backend", "pattern", "tiled", "compensation", "tau",
     "threshold_scope", "tile", "window", "raster_fraction", "vmoba_chunks", "vmoba_select", "vmoba_topk",
-    "vmoba_chunk_size", "vmoba_gate", "vmoba_scope", "ramp", "rho_clamp", "feature_map", "negligible",
-    "linear_weight", "refresh_every", "reuse_pattern_every", "refresh_drift", "cache_dtype", "cache_offload",
-    "cache_budget_mb", "kernel_backend", "tile_permutation",
+    "vmoba_chunk_size", "vmoba_gate", "vmoba_scope", "ramp", "rho_clamp", "residual_update", "feature_map",
+    "negligible", "linear_weight", "refresh_every", "reuse_pattern_every", "refresh_drift", "cache_dtype",
+    "cache_offload", "cache_budget_mb", "kernel_backend", "tile_permutation",
 )  # fmt: skip
 #: the options that belong to no part (the integration's choices)
 TOP_LEVEL: tuple[str, ...] = ("dense_backend", "kernel_backend", "tile_permutation")
@@ -178,6 +178,7 @@ class AccelConfig:
     vmoba_scope = _Flat[str]("pattern")
     ramp = _Flat[float]("compensation")
     rho_clamp = _Flat[bool]("compensation")
+    residual_update = _Flat[str]("compensation")
     feature_map = _Flat[str]("compensation")
     linear_weight = _Flat[str]("compensation")
     negligible = _Flat[float]("compensation")

@@ -159,6 +159,7 @@ _RESIDUAL = "compensation 'reshape' (the only part that caches a residual)"
 COMPENSATION_RULES: dict[str, Rule] = {
     "ramp": (lambda v: v["kind"] == "reshape", _RESHAPE),
     "rho_clamp": (lambda v: v["kind"] == "reshape", _RESHAPE),
+    "residual_update": (lambda v: v["kind"] == "reshape", _RESIDUAL),
     "cache_dtype": (lambda v: v["kind"] == "reshape", _RESIDUAL),
     "cache_offload": (lambda v: v["kind"] == "reshape", _RESIDUAL),
     "cache_budget_mb": (lambda v: v["kind"] == "reshape", _RESIDUAL),
@@ -391,6 +392,9 @@ class CompensationConfig(_Part):
             linear attention over the non-selected blocks).
         ramp: ``reshape``: Re-ttention's lambda added to rho after each sparse step since the refresh, in [0, 1].
         rho_clamp: ``reshape``: clamp the ramped rho at 1 (the paper does not).
+        residual_update: ``reshape``: ``none`` (the paper: the refresh's residual R as measured) or ``mean``
+            (R shifted by (1 - rho) times the change of the mean value vector since the refresh, so the skipped
+            mass follows the values as they evolve instead of adding the refresh step's; see docs/methods.md).
         feature_map: ``linear``: phi of the linear branch: ``softmax`` (over the head dim) or ``elu`` (elu + 1).
         linear_weight: ``linear``: ``proj`` (paper: O_s + proj(O_l), proj zero-initialised, needs fine-tuning) or
             ``mass`` (training-free: alpha O_s + (1 - alpha) O_l + proj(O_l), alpha the kept softmax mass, from
@@ -406,6 +410,7 @@ class CompensationConfig(_Part):
     kind: str = "none"
     ramp: float = 0.0
     rho_clamp: bool = True
+    residual_update: str = "none"
     feature_map: str = "softmax"
     linear_weight: str = "mass"
     negligible: float = 0.0
@@ -424,6 +429,7 @@ class CompensationConfig(_Part):
         _choice("kind", self.kind, COMPENSATIONS)
         _choice("feature_map", self.feature_map, ("softmax", "elu"))
         _choice("linear_weight", self.linear_weight, ("proj", "mass"))
+        _choice("residual_update", self.residual_update, ("none", "mean"))
         _choice("cache_dtype", self.cache_dtype, ("auto", "float32", "bfloat16", "float16"))
         _number("negligible", self.negligible, 0.0, 1.0, "[0, 1)", high_open=True)
         _number("ramp", self.ramp, 0.0, 1.0, "[0, 1]")

@@ -119,12 +119,13 @@ _PRESETS = (
     ),
     # -- ours (defaults chosen by scripts/method_error.py, see docs/methods.md) -----------------------------------
     # Re-ttention's reshape on a content-adaptive block pattern (pooled top-k, held from refresh to refresh),
-    # rho clamped at 1, no ramp, 10 % dense steps instead of 30 %, refresh every 5 steps.
+    # rho clamped at 1, no ramp, the residual moved with the mean value between refreshes, 10 % dense steps
+    # instead of 30 %, refresh every 5 steps.
     Preset(
         "rettention",
         "ours: Re-ttention reshape on pooled top-k blocks, rho clamped, 10% dense, refresh/5",
         PatternConfig(kind="topk", sparsity=0.9),
-        CompensationConfig(kind="reshape", ramp=0.0, rho_clamp=True),
+        CompensationConfig(kind="reshape", ramp=0.0, rho_clamp=True, residual_update="mean"),
         ScheduleConfig(dense_steps=0.1, refresh_every=5),
     ),
     # SLA training-free: pooled top-k on 3D tiles; the linear branch weighted by the missing mass 1 - alpha,
@@ -143,7 +144,7 @@ _PRESETS = (
         "vmoba",
         "ours: VMoBA chunks (block-gated local + top-k) with Re-ttention's reshape, 10% dense, refresh/5",
         PatternConfig(kind="vmoba", sparsity=0.85, vmoba_select="topk", vmoba_gate="block", vmoba_topk=None),
-        CompensationConfig(kind="reshape", ramp=0.0, rho_clamp=True),
+        CompensationConfig(kind="reshape", ramp=0.0, rho_clamp=True, residual_update="mean"),
         ScheduleConfig(dense_steps=0.1, refresh_every=5),
     ),
     # FreeSwim's inward window, block-dense on 3D tiles (every query keeps a window of constant size).

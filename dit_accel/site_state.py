@@ -57,6 +57,7 @@ class Statistics:
     step: int
     rho: torch.Tensor | None = None  # Re-ttention's kept mass ratio per row
     residual: torch.Tensor | None = None  # Re-ttention's residual (full - sparse, mass-scaled)
+    value_mean: torch.Tensor | None = None  # float32 (B, H, D) mean value at the refresh (residual_update="mean")
     alpha: torch.Tensor | None = None  # kept softmax mass for the mass-weighted linear branch
     lse_ref: torch.Tensor | None = None  # the sparse LSE at the refresh (adaptive refresh's reference)
     sparse_uses: int = 0  # sparse calls since the refresh (Re-ttention's ramp)

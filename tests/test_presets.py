@@ -23,6 +23,7 @@ ADDED = {
     "vmoba_scope": "query_head",
     "kernel_backend": "auto",
     "tile_permutation": "per_call",
+    "residual_update": "none",
 }
 #: deliberate changes since the fixture, each with its reason
 CHANGED = {
@@ -30,6 +31,9 @@ CHANGED = {
     "sla-paper": {"self_block": False, "keep_rounding": "floor", "negligible": 0.0},
     # follow VMoBA's official selection (issue 17): every query token gated against each chunk's mean key
     "vmoba-paper": {"vmoba_gate": "token"},
+    # the cached residual moves with the mean value between refreshes (issue 17 part 2: a stale R biased the toy)
+    "rettention": {"residual_update": "mean"},
+    "vmoba": {"residual_update": "mean"},
 }
 
 

@@ -41,8 +41,9 @@ def test_refresh_is_dense_and_rho_in_unit_interval(rng):
     assert [r.pattern_built for r in results] == [True, False, False, False]
 
 
-def _brute_force_rettention(method, call, inputs, ramp, clamp):
-    """rho and R from the refresh inputs with an explicit token mask; then O_c = rho_c softmax_S V + R."""
+def _brute_force_rettention(method, call, inputs, ramp, clamp, update="none"):
+    """rho and R from the refresh inputs with an explicit token mask; then O_c = rho_c softmax_S V + R_c, with
+    R_c = R (``update`` none) or R + (1 - rho) (mean V_c - mean V_0) (``update`` mean)."""
     mask = token_mask_from_method(method, call)
     q0, k0, v0 = inputs[0]
     o_full, lse_full = brute_attention(q0, k0, v0)
@@ -55,22 +56,65 @@ def _brute_force_rettention(method, call, inputs, ramp, clamp):
         rho_c = rho + ramp * uses
         if clamp:
             rho_c = rho_c.clamp(max=1.0)
-        outs.append(rho_c[..., None] * o_s + residual)
+        shift = (1 - rho)[..., None] * (v.double().mean(2) - v0.double().mean(2))[:, :, None, :]
+        outs.append(rho_c[..., None] * o_s + residual + (shift if update == "mean" else 0))
     return outs
 
 
-def test_sparse_steps_match_brute_force_with_ramp_and_no_clamp(rng):
+@pytest.mark.parametrize("update", ["none", "mean"])
+def test_sparse_steps_match_brute_force_with_ramp_and_no_clamp(rng, update):
     method, call, inputs, results, _ = _steps(
-        rng, refresh_every=9, window=(1, 1, 2), tile=(1, 8, 8), ramp=0.3, rho_clamp=False, cache_dtype="float32"
-    )
-    want = _brute_force_rettention(method, call, inputs, ramp=0.3, clamp=False)
+        rng, refresh_every=9, window=(1, 1, 2), tile=(1, 8, 8), ramp=0.3, rho_clamp=False, cache_dtype="float32",
+        residual_update=update,
+    )  # fmt: skip
+    want = _brute_force_rettention(method, call, inputs, ramp=0.3, clamp=False, update=update)
     for got, ref in zip(results[1:], want):
         torch.testing.assert_close(got.out.double(), ref, atol=2e-5, rtol=1e-5)
 
 
+def test_mean_update_follows_values_that_shift_after_the_refresh(rng):
+    # bug: the cached residual kept the refresh step's values; on the toy model every sparse step came out
+    # brighter than dense. Values shifted by a constant c move exact attention by exactly c (softmax rows sum to
+    # 1); the stale residual adds only rho * c, the mean update the rest (1 - rho) * c.
+    q, k, v = qkv(rng, 1, 2, LAYOUT.total_tokens)
+    c = torch.randn(1, 2, 1, v.shape[-1], generator=rng) * 3
+    exact = brute_attention(q, k, v + c)[0]
+    for update, exact_expected in (("mean", True), ("none", False)):
+        cfg = resolve_config(
+            "rettention", min_tokens=0, pattern="inward", window=(1, 1, 2), tile=(1, 8, 8), refresh_every=9,
+            residual_update=update, cache_dtype="float32",
+        )  # fmt: skip
+        method, cache = build_method(cfg), BranchState()
+        method.attend(make_call(q, k, v, cfg, layout=LAYOUT, step=0, cache=cache))
+        got = method.attend(make_call(q, k, v + c, cfg, layout=LAYOUT, step=1, cache=cache))
+        assert got.kind == "sparse"
+        err = float((got.out.double() - exact).abs().max())
+        assert (err < 1e-4) == exact_expected, (update, err)
+
+
+def test_mean_update_ignores_padded_keys(rng):
+    # a padded key's value must not move the mean: shifting only padded values changes nothing
+    from dit_accel.methods.composed import value_mean
+
+    v = torch.randn(2, 2, 8, 4, generator=rng)
+    kp = torch.ones(2, 8, dtype=torch.bool)
+    kp[:, 6:] = False
+    moved = v.clone()
+    moved[:, :, 6:] += 100.0
+    torch.testing.assert_close(value_mean(moved, kp), value_mean(v, kp))
+    torch.testing.assert_close(value_mean(v, kp), v[:, :, :6].mean(2))
+
+
 def test_clamp_caps_the_ramped_rho_at_one(rng):
     method, call, inputs, results, _ = _steps(
-        rng, refresh_every=9, window=(1, 1, 2), tile=(1, 8, 8), ramp=0.3, rho_clamp=True, cache_dtype="float32"
+        rng,
+        refresh_every=9,
+        window=(1, 1, 2),
+        tile=(1, 8, 8),
+        ramp=0.3,
+        rho_clamp=True,
+        cache_dtype="float32",
+        residual_update="none",
     )
     want = _brute_force_rettention(method, call, inputs, ramp=0.3, clamp=True)
     unclamped = _brute_force_rettention(method, call, inputs, ramp=0.3, clamp=False)
