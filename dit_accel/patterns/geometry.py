@@ -121,11 +121,15 @@ def window_extents(grid: Grid, density: float) -> Grid:
     """Window extents (frames, rows, cols) on ``grid`` covering about ``density`` of it, shaped like the grid.
 
     Among all extents, the one whose volume is closest to the target wins; ties go to the shape whose per-axis
-    fractions are the most equal (the window keeps the grid's aspect).
+    fractions are the most equal (the window keeps the grid's aspect). An extent of 1 along an axis of several
+    tiles cuts the video into slabs that never see each other (on the toy model, a hard cut every 4 frames at
+    (1, 3, 3) of 4 x 4 x 4 tiles), so when the target volume allows 2 tiles along every such axis, only extents
+    that have them compete.
     """
     target = max(1.0, density * math.prod(grid))
+    joined = math.prod(min(2, g) for g in grid) <= target
     best: tuple[float, float, Grid] | None = None
-    for ext in itertools.product(*(range(1, g + 1) for g in grid)):
+    for ext in itertools.product(*(range(1 if not joined or g == 1 else 2, g + 1) for g in grid)):
         fracs = [math.log(e / g) for e, g in zip(ext, grid)]
         key = (abs(math.prod(ext) - target), max(fracs) - min(fracs), ext)
         if best is None or key < best:

@@ -182,6 +182,15 @@ def test_auto_tile_and_window_extents():
     assert abs(math.prod(ext) - 21) <= 2
 
 
+@pytest.mark.parametrize("grid,density", [((4, 4, 4), 0.15), ((3, 6, 13), 0.1), ((8, 8, 8), 0.02)])
+def test_window_extents_never_isolate_tiles_when_the_budget_allows(grid, density):
+    # bug: the toy's 4 x 4 x 4 tiles at the window preset's 15 % got (1, 3, 3): each 4-frame slab of tiles saw
+    # only itself in time, a hard cut every 4 frames
+    ext = window_extents(grid, density)
+    assert all(e >= 2 for e, g in zip(ext, grid) if g > 1), ext
+    assert abs(math.prod(ext) - density * math.prod(grid)) <= 0.5 * density * math.prod(grid)
+
+
 def test_topk_lut_is_only_as_wide_as_its_longest_possible_row(rng):
     """A top-k pattern's LUT is cut to k columns (the kernels key their tuning on that width); every selected block
     is still listed, and a pattern with full forced rows (text queries) keeps the full width."""
