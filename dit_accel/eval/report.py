@@ -79,10 +79,19 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _gpu_kernels(backend: Any) -> bool:
+    """Whether a ``stats()["kernel_backend"]`` string names only GPU kernels."""
+    if not isinstance(backend, str):
+        return False
+    names = backend[5:-1].split(",") if backend.startswith("auto(") and backend.endswith(")") else [backend]
+    return all(name in ("triton", "flex") for name in names)
+
+
 def speed_basis(rows: Sequence[dict[str, Any]]) -> str:
-    """``"speedup"`` (measured) when every row ran the Triton kernels; otherwise the transformer-FLOP estimate
-    ``"est_speedup_flops"`` (CPU timings of the reference kernels and Python overhead say little about a GPU)."""
-    if rows and all(r.get("kernel_backend") == "triton" and r.get("speedup") is not None for r in rows):
+    """``"speedup"`` (measured) when every row ran GPU kernels (Triton or FlexAttention; ``kernel_backend="auto"``
+    reports its picks as ``auto(flex,triton)``); otherwise the transformer-FLOP estimate ``"est_speedup_flops"``
+    (CPU timings of the reference kernels and Python overhead say little about a GPU)."""
+    if rows and all(_gpu_kernels(r.get("kernel_backend")) and r.get("speedup") is not None for r in rows):
         return "speedup"
     if rows and all(r.get("est_speedup_flops") is not None for r in rows):
         return "est_speedup_flops"

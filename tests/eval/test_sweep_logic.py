@@ -98,3 +98,17 @@ def test_plot_marks_dense_and_claims_identity_only_when_true(tmp_path):
     assert "ours" in labels  # the dense row is the reference mark, not one of ours
     rows = report.aggregate([_record("a", 0.9, 0, 3.0, 28.0), _record("b", 0.2, 0, 1.1, 100.0)])
     assert "output identical to dense" in report._plot(rows, "est_speedup", tmp_path / "p.png")
+
+
+def test_speed_basis_counts_auto_picks_of_gpu_kernels_as_measured():
+    # bug: only the literal "triton" counted, so a GPU sweep where auto chose FlexAttention for one bucket
+    # (reported as "auto(flex,triton)") fell back to estimates
+    from dit_accel.eval.report import speed_basis
+
+    def rows(backend):
+        return [{"kernel_backend": backend, "speedup": 1.5, "est_speedup_flops": 2.0}]
+
+    assert speed_basis(rows("auto(flex,triton)")) == "speedup"
+    assert speed_basis(rows("triton")) == "speedup"
+    assert speed_basis(rows("auto(cpu,reference)")) == "est_speedup_flops"
+    assert speed_basis(rows("cpu")) == "est_speedup_flops"
