@@ -60,6 +60,7 @@ class SiteStats:
     density_sum: Any = 0.0
     video_density_sum: Any = 0.0
     video_density_calls: int = 0
+    work_sum: Any = 0.0  # dense calls count 1, the others their density plus their extra work
     pattern_builds: int = 0
     pattern_reuses: int = 0
     adaptive_refreshes: int = 0
@@ -76,6 +77,7 @@ class SiteStats:
         self.density_sum = self.density_sum + other.density_sum
         self.video_density_sum = self.video_density_sum + other.video_density_sum
         self.video_density_calls += other.video_density_calls
+        self.work_sum = self.work_sum + other.work_sum
         self.pattern_builds += other.pattern_builds
         self.pattern_reuses += other.pattern_reuses
         self.adaptive_refreshes += other.adaptive_refreshes
@@ -86,6 +88,8 @@ class SiteStats:
         measured = self.sparse_calls + self.refresh_calls
         density = float(self.density_sum) / measured if measured else None
         video = float(self.video_density_sum) / self.video_density_calls if self.video_density_calls else None
+        calls = self.dense_calls + measured
+        work = (self.dense_calls + float(self.work_sum)) / calls if calls else None
         return {
             "dense_calls": self.dense_calls,
             "sparse_calls": self.sparse_calls,
@@ -93,6 +97,7 @@ class SiteStats:
             "dense_reasons": dict(self.dense_reasons),
             "block_density": density,
             "video_block_density": video,
+            "attention_work": work,
             "cache_bytes": cache_bytes,
             "pattern_builds": self.pattern_builds,
             "pattern_reuses": self.pattern_reuses,
@@ -339,6 +344,7 @@ class SiteCore:
         self.account(call)
         density = result.density.detach() if isinstance(result.density, torch.Tensor) else result.density
         stats.density_sum = stats.density_sum + density
+        stats.work_sum = stats.work_sum + density + result.extra_work
         if result.video_density is not None:
             vd = result.video_density
             stats.video_density_sum = stats.video_density_sum + (vd.detach() if isinstance(vd, torch.Tensor) else vd)

@@ -16,7 +16,7 @@ import torch
 
 from dit_accel.eval.evaluate import run_once
 from dit_accel.eval.metrics import compare_videos
-from dit_accel.render import apply_request, default_model, effective_density, load_pipeline
+from dit_accel.render import apply_request, default_model, load_pipeline
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
                 start = time.perf_counter()
                 run = run_once(pipe, kwargs, seed, config, probe_steps=())
                 m = compare_videos(run.frames, base.frames, use_lpips=False)
-                work = effective_density(run.stats["overall"])
+                work = run.stats["overall"]["attention_work"]
                 print(
                     f"{json.dumps(config):60s} prompt={prompt!r} seed={seed} psnr={m['psnr']:.2f} "
                     f"ssim={m['ssim']:.3f} mean={run.frames.mean():.3f} (dense {base.frames.mean():.3f}) "

@@ -131,6 +131,27 @@ def test_step_schedule_counts_and_branches():
     assert per_site["transformer.blocks.1.attn1"]["sparse_calls"] == 0
 
 
+@pytest.mark.parametrize("method", ["blocktopk", "sla", "rettention"])
+def test_attention_work_counts_dense_calls_density_and_the_extra_work(method):
+    # the measure: dense and refresh calls 1, sparse calls their block density, plus pattern building and
+    # the linear branch; a planted "work = block density" (the old effective density) fails for sla
+    pipe, kwargs = tiny_pipeline("wan")
+    handle = dit_accel.accelerate(pipe, method, min_tokens=64, dense_steps=1)
+    run(pipe, kwargs)
+    overall = handle.stats()["overall"]
+    sites = handle.stats()["sites"].values()
+    handle.remove()
+    dense, sparse, refresh = overall["dense_calls"], overall["sparse_calls"], overall["refresh_calls"]
+    base = (dense + overall["block_density"] * (sparse + refresh)) / (dense + sparse + refresh)
+    work = overall["attention_work"]
+    assert all(s["attention_work"] is not None for s in sites)
+    if method == "sla":  # the linear branch of every sparse call is counted on top of the kept blocks
+        assert work > base + 1e-4
+    else:
+        assert base <= work < base + 0.01
+    assert work <= 1.0
+
+
 def test_min_tokens_keeps_short_sequences_dense():
     pipe, kwargs = tiny_pipeline("wan")
     with dit_accel.accelerate(pipe, "blocktopk", min_tokens=10_000) as handle:

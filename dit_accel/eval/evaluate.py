@@ -239,6 +239,7 @@ def make_record(
         "est_speedup_flops": estimate_speedup(baseline.flop_share, density),
         "density": density,
         "block_density": overall.get("block_density"),
+        "attention_work": overall.get("attention_work"),
         "sparse_calls": overall.get("sparse_calls", 0) + overall.get("refresh_calls", 0),
         "dense_calls": overall.get("dense_calls", 0),
         "dense_reasons": overall.get("dense_reasons", {}),

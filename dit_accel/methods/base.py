@@ -24,6 +24,8 @@ class SparseResult:
     kind: str = "sparse"  # "sparse", or "refresh" when the method computed full attention for statistics
     pattern_built: bool | None = None  # True: pattern (LUT) rebuilt for this call; False: reused from the cache
     adaptive: bool = False  # the refresh was triggered by drift, not by the schedule
+    #: work besides the kept blocks, in dense calls: building the pattern, SLA's linear branch (FLOP estimates)
+    extra_work: float = 0.0
 
 
 @dataclass

@@ -188,11 +188,29 @@ class ComposedMethod(Method):
             result = SparseResult(
                 out=out, density=pattern.density, video_density=pattern.video_density, pattern_built=rebuild
             )
+        result.extra_work = self._extra_work(plan, q, v, built=bool(rebuild), linear=not refresh)
         if plan.inv is not None and not ready:
             result.out = kernels.permute_tokens(result.out, plan.inv)
         if order is not None and not ready:
             result.out = kernels.permute_tokens(result.out, order[0])
         return result
+
+    def _extra_work(self, plan: Plan, q: torch.Tensor, v: torch.Tensor, *, built: bool, linear: bool) -> float:
+        """FLOPs besides the kept blocks, in dense calls (4 N^2 D): scoring the blocks when the pattern was built
+        (pooled q k^T over every block pair: 1 / (block_m block_n); token-gated VMoBA: chunks / N), and SLA's
+        linear branch (phi(K)^T V and phi(Q) times it: D_v / N, plus combining the key blocks' states per query
+        block: D_v / (block_m block_n) at most)."""
+        cfg = self.config
+        n, dv = plan.n, v.shape[-1]
+        pairs = 1.0 / (cfg.block_m * cfg.block_n)
+        work = 0.0
+        kind = cfg.pattern.kind
+        if built and kind in ("topk", "threshold", "vmoba"):
+            tokens = kind == "vmoba" and cfg.vmoba_gate == "token" and plan.groups is not None
+            work += plan.groups.n_groups / n if tokens else pairs
+        if linear and cfg.compensation.kind == "linear":
+            work += dv / n + dv * pairs
+        return work
 
     def _refresh(
         self,
