@@ -6,7 +6,8 @@
 #   DEADLINE=280 bash scripts/gpu_check.sh ...      # seconds for the whole call; steps that cannot fit are skipped
 #
 # Steps: tests (GPU-only kernel tests), kernels (bench_kernels.py), e2e (Wan2.1-1.3B 480p), e2e14b (Wan2.1-14B
-# 720p, default preset), e2ecompile (Wan2.1-1.3B with compiled blocks, dense and accelerated alike), freeswim
+# 720p, default preset), auto (bench_auto.py: each backend kernel_backend="auto" may pick, timed at Wan shapes),
+# tokenorder (bench_token_order.py: per-call gather/scatter against tile order per forward), e2ecompile (Wan2.1-1.3B with compiled blocks, dense and accelerated alike), freeswim
 # (bench_freeswim.py, attention only, with FlexAttention), interp (the interpreter kernel tests, compiled this
 # time), toy (toy-model training on the GPU for TOY_SECONDS; a whole call: TOY_SECONDS=420 DEADLINE=590 ... toy).
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site first); the lent H200
@@ -60,6 +61,10 @@ for s in "${STEPS[@]}"; do
       --methods "${E2E_METHODS:-rettention,window}" --out "$LOGS/bench_e2e_compiled.json" ;;
     e2e14b) step e2e14b 200 "$PY" scripts/bench_e2e.py --model wan-14b --steps "${E2E14_STEPS:-3}" \
       --warmup-steps 1 --no-profile --methods "${E2E14_METHODS:-rettention}" --out "$LOGS/bench_e2e14b.json" ;;
+    auto) step auto 150 "$PY" scripts/bench_auto.py --device cuda --dtype bfloat16 \
+      --shapes 1x12x4680x128,1x12x32760x128 --densities 0.05,0.1,0.3 ;;
+    tokenorder) step tokenorder 120 "$PY" scripts/bench_token_order.py --frames 21 --rows 30 --cols 52 \
+      --device cuda --dtype bfloat16 ;;
     freeswim) step freeswim 240 "$PY" scripts/bench_freeswim.py --attention-only --flex --out "$LOGS/bench_freeswim.json" ;;
     interp) step interp 150 "$PY" -m pytest tests/kernels -q -rs --ignore=tests/kernels/test_gpu_kernels.py ;;
     toy) step toy $((${TOY_SECONDS:-150} * 115 / 100 + 90)) "$PY" scripts/train_toy.py --device cuda --budget gpu \
