@@ -38,7 +38,14 @@ def _count_permutes(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize(
     "method, options",
-    [("window", {}), ("rettention", {"tiled": True}), ("sla", {})],  # static, reshape + refresh, linear branch
+    # static, reshape + refresh, linear branch; the residual's mean update reduces over v, whose memory layout
+    # differs between the modes (a reduction's order follows it), so that variant is checked to float tolerance
+    [
+        ("window", {}),
+        ("rettention", {"tiled": True, "residual_update": "none"}),
+        ("sla", {}),
+        ("rettention", {"tiled": True}),
+    ],
 )
 def test_per_forward_equals_per_call_and_skips_the_per_call_gathers(wan, monkeypatch, method, options):
     pipe, kwargs = wan
@@ -52,7 +59,9 @@ def test_per_forward_equals_per_call_and_skips_the_per_call_gathers(wan, monkeyp
     )
     assert forwards == 6 and not calls  # every forward in tile order, no gather or scatter per call
     # the kernels see the same q, k, v in the same order either way: the same bits
-    torch.testing.assert_close(per_forward, per_call, atol=0, rtol=0)
+    exact = options.get("residual_update", "mean" if method == "rettention" else "none") == "none"
+    tol = 0 if exact else 1e-5
+    torch.testing.assert_close(per_forward, per_call, atol=tol, rtol=tol)
     assert stats_f["overall"]["sparse_calls"] == stats["overall"]["sparse_calls"]
     assert stats_f["config"]["tile_permutation"] == "per_forward"
 
