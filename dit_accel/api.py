@@ -11,6 +11,7 @@ import torch
 
 from .config import ALLOWED, AccelConfig, resolve_config
 from .kernels import auto_choices, backend_for, use_backend
+from .kernels.auto import key_label
 from .parallel import check_context_parallel, describe
 from .pipelines.families import find_family
 from .runtime import Accelerator, CacheLedger, SiteStats
@@ -117,7 +118,7 @@ class AccelHandle:
         table = auto_choices()
         used: dict[str, str] = {}
         for acc in self._accelerators.values():
-            used.update(acc.group.kernel_policy.used)
+            used.update((key_label(key), backend) for key, backend in acc.group.kernel_policy.used.items())
         return {label: table.get(label, {"backend": backend}) for label, backend in sorted(used.items())}
 
     def __enter__(self) -> AccelHandle:

@@ -342,7 +342,7 @@ def _attention(
     )  # fmt: skip
     policy = current_policy()
     if policy is not None:
-        policy.used[auto.key_label(key)] = backend_for(device) if chosen == "fallback" else chosen
+        policy.used[key] = backend_for(device) if chosen == "fallback" else chosen  # labelled when stats ask
     return result
 
 

@@ -37,11 +37,11 @@ def check_backend(value: object, name: str = "kernel_backend") -> str:
 
 @dataclass
 class KernelPolicy:
-    """The ``kernel_backend`` of one site group, and what ``auto`` chose for the calls it made (label -> backend),
-    which ``handle.stats()`` reports."""
+    """The ``kernel_backend`` of one site group, and what ``auto`` chose for the calls it made (the call's key ->
+    backend; ``handle.stats()`` labels the keys), without formatting anything per call."""
 
     backend: str = "auto"
-    used: dict[str, str] = field(default_factory=dict)
+    used: dict[tuple, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_backend(self.backend)
