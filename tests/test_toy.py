@@ -26,7 +26,14 @@ from dit_accel.toy.data import (
     sample_scene,
     segment_color,
 )
-from dit_accel.toy.model import build_scheduler, build_text_encoder, build_transformer, flow_matching_loss
+from dit_accel.toy.model import (
+    build_scheduler,
+    build_text_encoder,
+    build_transformer,
+    coordinate_planes,
+    flow_matching_loss,
+    model_input,
+)
 from dit_accel.toy.pipeline import ToyVideoPipeline
 from dit_accel.toy.text import VOCAB, ToyTextEncoder, ToyVocabularyWarning
 
@@ -334,3 +341,42 @@ def test_a_phase_sets_its_own_data_mix_and_a_budget_its_own_train_settings(tmp_p
     state = torch.load(tmp_path / "state" / "state.pt", weights_only=False)
     want = train_toy.lr_at(0, 2, {**config["train"], "lr": 0.123})
     assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(want) and want > 0
+
+
+def test_coordinate_planes_reach_the_transformer_through_every_toy_path(tmp_path: Path) -> None:
+    """A model built with ``coord_channels`` reads its pixels plus the planes in the loss, the pipeline (also after
+    a save/load round trip) and the word-influence probe; a wrong width or config value is a clear error."""
+    x = torch.zeros(2, 3, 4, 8, 8)
+    planes = coordinate_planes(x, 5)
+    assert planes.shape == (2, 5, 4, 8, 8)
+    t, y, c = planes[0, 0, :, 0, 0], planes[0, 1, 0, :, 0], planes[0, 2, 0, 0, :]
+    torch.testing.assert_close(t, torch.linspace(-1, 1, 4))
+    torch.testing.assert_close(y, torch.linspace(-1, 1, 8))
+    torch.testing.assert_close(c, torch.linspace(-1, 1, 8))
+    torch.testing.assert_close(planes[0, 3], planes[0, 0] * planes[0, 1])  # frame x row
+    torch.testing.assert_close(planes[0, 4], planes[0, 0] * planes[0, 2])  # frame x column
+    torch.manual_seed(0)
+    cfg = {**TINY, "coord_channels": 5}
+    tf, te = build_transformer(cfg), build_text_encoder(cfg)
+    assert tf.config.in_channels == 8 and tf.config.out_channels == 3
+    seen: list[torch.Size] = []
+    hook = tf.patch_embedding.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    flow_matching_loss(tf, te, torch.zeros(1, 3, 2, 8, 8), ["a red circle"], 3.0, torch.Generator().manual_seed(0))
+    pipe = ToyVideoPipeline(tf, te, build_scheduler(cfg))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    loaded = ToyVideoPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    kw = {"num_frames": 2, "height": 8, "width": 8, "num_inference_steps": 2, "guidance_scale": 1.0}
+    ref = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).frames
+    out = loaded("a red circle", generator=torch.Generator().manual_seed(0), **kw).frames
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    from dit_accel.toy.probe import word_influence
+
+    word_influence(tf, te, [("red", "circle", "left", "plain")], (2, 8, 8), sigmas=(0.9,))
+    hook.remove()
+    assert seen and all(s[1] == 8 for s in seen)
+    with pytest.raises(ValueError, match="coord_channels=4"):
+        build_transformer({**TINY, "coord_channels": 4})
+    with pytest.raises(ValueError, match="difference must be one of"):
+        model_input(tf, torch.zeros(1, 4, 2, 8, 8))

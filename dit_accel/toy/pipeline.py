@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTra
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .model import model_input as toy_model_input
 from .text import ToyTextEncoder, ToyVocabularyWarning
 
 
@@ -208,7 +209,7 @@ class ToyVideoPipeline(DiffusionPipeline):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                model_input = latents.to(dtype)
+                model_input = toy_model_input(self.transformer, latents.to(dtype))
                 timestep = t.expand(latents.shape[0])
                 index = first_step + i
                 ctx = {"step_index": index, "sigma": float(self.scheduler.sigmas[index]), "num_inference_steps": total}
