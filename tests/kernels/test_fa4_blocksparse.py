@@ -262,7 +262,7 @@ def test_fa4_forced_without_it_is_a_clear_error_and_auto_leaves_it_out(monkeypat
             kernels.backend_for("cuda")
     assert "fa4" not in kernels.auto_candidates("block_sparse_attention", "cuda")
     monkeypatch.setattr(kernels, "_optional_installed", lambda backend: True)
-    assert kernels.auto_candidates("block_sparse_attention", "cuda")[-2:] == ("fa4", "flex_flash")
+    assert kernels.auto_candidates("block_sparse_attention", "cuda")[-3:] == ("fa4", "flex_flash", "cudnn_bsa")
     assert "fa4" not in kernels.auto_candidates("block_sparse_attention", "cpu")  # CUDA only
     assert kernels._module("fa4") is fa4
 
