@@ -77,10 +77,11 @@ def _triton_available() -> bool:
     return True
 
 
+@functools.cache
 def _optional_installed(backend: str) -> bool:
-    """Whether an optional CUDA backend is worth trying: ``flash_attn.cute`` is installed (a broken install then
-    raises in the call, and ``auto`` records why); ``flex_flash`` also needs torch >= 2.11, ``cudnn_bsa`` needs
-    ``cudnn.block_sparse_attention`` instead."""
+    """Whether an optional CUDA backend is worth trying (cached: asked on every ``auto`` call): ``flash_attn.cute``
+    is installed (a broken install then raises in the call, and ``auto`` records why); ``flex_flash`` also needs
+    torch >= 2.11, ``cudnn_bsa`` needs ``cudnn.block_sparse_attention`` instead."""
     import importlib.util
 
     module = "cudnn.block_sparse_attention" if backend == "cudnn_bsa" else "flash_attn.cute"
