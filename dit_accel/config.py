@@ -139,7 +139,9 @@ class AccelConfig:
         kernel_backend: what computes the sparse calls: ``auto`` (default: the attention functions time their
             candidates on the first call per shape and density bucket, each checked against the exact reference,
             and keep the fastest; :mod:`dit_accel.kernels.auto`) or a backend name forcing it (``triton``,
-            ``flex``, ``cpu``, ``reference``). It wins over ``DIT_ACCEL_KERNELS``, which replaces ``auto`` only.
+            ``flex``, ``fa4``, ``flex_flash``, ``cudnn_bsa``, ``cpu``, ``reference``; the optional three need CUDA
+            and ``flash-attn-4`` or ``nvidia-cudnn-frontend``). It wins over ``DIT_ACCEL_KERNELS``, which replaces
+            ``auto`` only.
         tile_permutation: ``per_call`` (default: q, k, v gathered into 3D tiles and the output scattered back at
             each sparse call) or ``per_forward`` (the hidden states permuted once per transformer forward; Wan
             only, with patterns whose tile order is the same at every layer).

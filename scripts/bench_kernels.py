@@ -114,6 +114,41 @@ def _compiled_flex(fn):
     return _FLEX["fn"]
 
 
+#: optional backends timed through dit_accel's wrappers when they import: name -> (module, extra keyword arguments)
+EXTRA = {
+    "fa4": ("fa4", {}),  # FlashAttention-4, our 64-blocks merged into its 128 x 128 (sm90) tiles
+    "fa4_64": ("fa4", {"tile": (64, 64)}),  # sm90 only: FA4 fitting its tile to our 64-blocks, no merging
+    "flex_flash": ("flex_flash", {}),  # FlexAttention's FLASH backend (FA4 through Inductor)
+    "cudnn_bsa": ("cudnn_bsa", {}),  # cuDNN frontend's block-sparse attention
+}
+
+
+def extra_backends(spec: str, block_m: int, block_n: int) -> dict:
+    """The ``--extra`` backends that can run here: name -> block_sparse_attention(q, k, v, idx, cnt)."""
+    import importlib
+
+    from dit_accel import kernels
+
+    names = (
+        [n for n in spec.split(",") if n] if spec not in ("auto", "none") else ([] if spec == "none" else list(EXTRA))
+    )
+    out = {}
+    for name in names:
+        if name not in EXTRA:
+            sys.exit(f"--extra {name!r} is unknown; allowed: {', '.join(EXTRA)}, auto, none")
+        module, extra = EXTRA[name]
+        if not kernels._optional_installed(module) or (
+            name == "fa4_64" and (torch.cuda.get_device_capability()[0] != 9 or (block_m, block_n) != (64, 64))
+        ):
+            print(f"[extra] {name}: not available here, skipped", flush=True)
+            continue
+        fn = importlib.import_module(f"dit_accel.kernels.{module}").block_sparse_attention
+        out[name] = lambda q, k, v, idx, cnt, fn=fn, extra=extra: fn(
+            q, k, v, idx, cnt, block_m=block_m, block_n=block_n, **extra
+        )
+    return out
+
+
 def sdpa_runner(q, k, v, backend: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -140,6 +175,7 @@ def bench_shape(name: str, args, block_m: int, block_n: int, sparsities, pattern
     q, k, v = (torch.randn(b, h, n, d, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     n_q, n_k = math.ceil(n / block_m), math.ceil(n / block_n)
     dense_flops = 4.0 * n * n * d * h * b
+    extras = extra_backends(args.extra, block_m, block_n)
     cudnn, cudnn_err = try_time(lambda: sdpa_runner(q, k, v, "cudnn"), args.warmup, args.reps)
     flash, flash_err = try_time(lambda: sdpa_runner(q, k, v, "flash"), args.warmup, args.reps)
     print(f"[{name}] dense cuDNN {cudnn} ms {cudnn_err}  flash {flash} ms {flash_err}", flush=True)
@@ -189,6 +225,15 @@ def bench_shape(name: str, args, block_m: int, block_n: int, sparsities, pattern
                 if flex is not None and s == sparsities[-1]:  # same blocks, same result up to bf16 noise
                     flex_out = flex_runner(q, k, v, mask, block_m, block_n)()
                     flex_diff = (ours_fn()[0].float() - flex_out.float()).abs().max().item()
+            extra_ms, extra_diff, extra_err = {}, {}, []
+            for ename, efn in extras.items():
+                ms, err = try_time(lambda efn=efn, idx=idx, cnt=cnt: lambda: efn(q, k, v, idx, cnt), args.warmup,
+                                   args.reps)  # fmt: skip
+                extra_ms[ename] = ms
+                if err:
+                    extra_err.append(f"{ename}: {err}")
+                elif s == sparsities[-1]:
+                    extra_diff[ename] = (ours_fn()[0].float() - efn(q, k, v, idx, cnt)[0].float()).abs().max().item()
             block_flops = 4.0 * computed * block_m * block_n * d
             row = {
                 "shape": name,
@@ -208,7 +253,10 @@ def bench_shape(name: str, args, block_m: int, block_n: int, sparsities, pattern
                 "cudnn_tflops": (dense_flops / cudnn / 1e9) if cudnn else None,
                 "target_vs_cudnn": TARGETS.get(s),
                 "ours_vs_flex_max_abs_diff": flex_diff,
-                "errors": [e for e in (ours_err, flex_err, cudnn_err, flash_err) if e],
+                **{f"{e}_ms": ms for e, ms in extra_ms.items()},
+                **{f"{e}_vs_cudnn": (cudnn / ms) if ms and cudnn else None for e, ms in extra_ms.items()},
+                **{f"ours_vs_{e}_max_abs_diff": diff for e, diff in extra_diff.items()},
+                "errors": [e for e in (ours_err, flex_err, cudnn_err, flash_err, *extra_err) if e],
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -259,6 +307,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a minute)")
+    ap.add_argument("--extra", default="auto", help=f"comma list of {', '.join(EXTRA)}; auto: those that import")
     ap.add_argument("--quick", action="store_true", help="first shape, sparsities 0, 0.9, 0.97, random only")
     ap.add_argument("--out", type=Path, required=True, help="JSON results path")
     args = ap.parse_args()

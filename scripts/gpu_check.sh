@@ -10,6 +10,10 @@
 # tokenorder (bench_token_order.py: per-call gather/scatter against tile order per forward), e2ecompile (Wan2.1-1.3B with compiled blocks, dense and accelerated alike), freeswim
 # (bench_freeswim.py, attention only, with FlexAttention), interp (the interpreter kernel tests, compiled this
 # time), toy (toy-model training on the GPU for TOY_SECONDS; a whole call: TOY_SECONDS=420 DEADLINE=590 ... toy).
+# fa4 (FlashAttention-4 / flex_flash / cuDNN BSA: their GPU tests, then bench_kernels.py --quick --block 64x64 with
+# the optional backends; needs the site tree that `scripts/stage_fa4.sh receive` unpacked to /tmp/site-fa4, which
+# takes two calls of about 40 and 35 MiB of carried parts on a warm machine: see that script. Without it the step
+# says so and its tests skip). Once the tree is on PYTHONPATH, auto also times fa4 / flex_flash / cudnn_bsa.
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site first); the lent H200
 # has torch and Triton but not diffusers:  pip download --no-deps --only-binary=:all: --python-version 3.12
 # --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1  (then carry ".whl"; .git/info/exclude ignores it).
@@ -45,6 +49,7 @@ step() {  # step NAME LIMIT_S COMMAND...: runs when at least 30 s of the deadlin
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
   "$PY" -c "import torch, triton, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
 triton.__version__, 'diffusers', diffusers.__version__)"
+  "$PY" -m pip list 2>/dev/null | grep -iE "cutlass|flash|cudnn|cuda-bindings|cuda-python|protobuf|tvm|quack" || true
   git rev-parse --short HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
 } >"$LOGS/env.txt" 2>&1
 cat "$LOGS/env.txt"
@@ -67,6 +72,11 @@ for s in "${STEPS[@]}"; do
       --device cuda --dtype bfloat16 ;;
     freeswim) step freeswim 240 "$PY" scripts/bench_freeswim.py --attention-only --flex --out "$LOGS/bench_freeswim.json" ;;
     interp) step interp 150 "$PY" -m pytest tests/kernels -q -rs --ignore=tests/kernels/test_gpu_kernels.py ;;
+    fa4) if FA4_ENV="$(bash scripts/stage_fa4.sh env)" && [ -n "$FA4_ENV" ]; then eval "$FA4_ENV"
+         else echo "== fa4: no /tmp/site-fa4 (run scripts/stage_fa4.sh receive first); tests will skip" | tee -a "$LOGS/status.txt"; fi
+         step fa4 180 "$PY" -m pytest tests/kernels/test_gpu_kernels.py -q -rs -k "fa4 or flash or cudnn_bsa"
+         step fa4bench 200 "$PY" scripts/bench_kernels.py --quick --block 64x64 --no-flex --extra auto \
+           --out "$LOGS/bench_fa4.json" ;;
     toy) step toy $((${TOY_SECONDS:-150} * 115 / 100 + 90)) "$PY" scripts/train_toy.py --device cuda --budget gpu \
       --seconds "${TOY_SECONDS:-150}" --out "$LOGS/toy-wan" --state-dir "$LOGS/toy-state" ;;
     *) echo "unknown step $s" | tee -a "$LOGS/status.txt" ;;
@@ -80,6 +90,8 @@ for s in "${STEPS[@]}"; do
   echo "---- $s"
   case "$s" in
     kernels) sed -n '/^# /,$p' "$LOGS/$s.log" | cut -c1-160 ;;
+    fa4) tail -n 12 "$LOGS/fa4.log" | cut -c1-200; [ -f "$LOGS/fa4bench.log" ] && grep -E '^\{' "$LOGS/fa4bench.log" \
+      | cut -c1-400 | tail -n 4 ;;
     tests|interp) tail -n 12 "$LOGS/$s.log" | cut -c1-200 ;;
     *) tail -n 14 "$LOGS/$s.log" | cut -c1-200 ;;
   esac

@@ -84,7 +84,7 @@ def _gpu_kernels(backend: Any) -> bool:
     if not isinstance(backend, str):
         return False
     names = backend[5:-1].split(",") if backend.startswith("auto(") and backend.endswith(")") else [backend]
-    return all(name in ("triton", "flex") for name in names)
+    return all(name in ("triton", "flex", "fa4", "flex_flash", "cudnn_bsa") for name in names)
 
 
 def speed_basis(rows: Sequence[dict[str, Any]]) -> str:

@@ -7,7 +7,9 @@ the reference for what it does not cover); elsewhere the exact PyTorch reference
 (the default) times the candidates of the attention functions once per shape and density bucket and caches the
 winner (:mod:`dit_accel.kernels.auto`); a backend name forces it. ``DIT_ACCEL_KERNELS`` forces one process-wide
 (below an explicit ``kernel_backend``, see :mod:`dit_accel.kernels.backends`): ``triton``, ``cpu``, ``flex``
-(FlexAttention from the LUT, :mod:`dit_accel.kernels.flex`), ``reference`` or ``auto`` (with
+(FlexAttention from the LUT, :mod:`dit_accel.kernels.flex`), ``fa4`` (FlashAttention-4's block sparsity,
+:mod:`dit_accel.kernels.fa4`), ``flex_flash`` (FlexAttention's FLASH backend), ``cudnn_bsa`` (cuDNN frontend's
+block-sparse attention, :mod:`dit_accel.kernels.cudnn_bsa`), ``reference`` or ``auto`` (with
 ``TRITON_INTERPRET=1`` the Triton kernels run on the CPU, for tests).
 
 The attention functions take an optional ``key_padding`` (bool (B, N), True = attend): SDPA's boolean
@@ -50,10 +52,13 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 #: FlexAttention's pair on CUDA would take its dense half from the reference, so only Triton competes there.
 #: Eager FlexAttention on the CPU evaluates its mask everywhere and was 2.5-20x slower than the fused CPU path
 #: in ``scripts/bench_auto.py`` (and slower than the reference), so it is not a CPU candidate
-#: (``kernel_backend="flex"`` still forces it).
+#: (``kernel_backend="flex"`` still forces it). ``fa4`` (FlashAttention-4 from the LUT) and ``flex_flash``
+#: (FlexAttention's FLASH backend) compete only where ``flash_attn.cute`` is installed (:func:`_optional_installed`);
+#: an installed one that fails to import or disagrees is excluded for the key with the reason; ``cudnn_bsa``
+#: (cuDNN frontend's block-sparse attention) likewise where ``cudnn.block_sparse_attention`` is installed.
 _CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
-        "block_sparse_attention": ("triton", "flex"),
+        "block_sparse_attention": ("triton", "flex", "fa4", "flex_flash", "cudnn_bsa"),
         "block_sparse_attention_pair": ("triton",),
         "sparse_linear_attention": ("triton",),
     },
@@ -72,13 +77,54 @@ def _triton_available() -> bool:
     return True
 
 
+@functools.cache
+def _optional_installed(backend: str) -> bool:
+    """Whether an optional CUDA backend is worth trying (cached: asked on every ``auto`` call): ``flash_attn.cute``
+    is installed (a broken install then raises in the call, and ``auto`` records why); ``flex_flash`` also needs
+    torch >= 2.11, ``cudnn_bsa`` needs ``cudnn.block_sparse_attention`` instead."""
+    import importlib.util
+
+    module = "cudnn.block_sparse_attention" if backend == "cudnn_bsa" else "flash_attn.cute"
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except Exception:  # noqa: BLE001 - a broken parent package counts as not installed
+        found = False
+    if backend == "flex_flash":
+        version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+        found = found and version >= (2, 11)
+    return found
+
+
+def _check_optional(backend: str) -> None:
+    """RuntimeError naming what to install when an explicitly asked-for optional backend cannot run."""
+    from . import cudnn_bsa, fa4, flex
+
+    if backend == "cudnn_bsa":
+        if not cudnn_bsa.cudnn_bsa_available():
+            raise RuntimeError(
+                f"kernel_backend='cudnn_bsa' needs CUDA and cuDNN frontend's block-sparse attention (pip install "
+                f"'{cudnn_bsa.CUDNN_PACKAGE}'); it is not available here"
+            )
+        return
+    ok = fa4.fa4_available() if backend == "fa4" else flex.flash_backend_available()
+    if not ok:
+        need = "torch >= 2.11, " if backend == "flex_flash" else ""
+        raise RuntimeError(
+            f"kernel_backend={backend!r} needs CUDA, {need}and FlashAttention-4 (pip install --pre "
+            f"'{fa4.FA4_PACKAGE}'; scripts/stage_fa4.sh installs staged wheels offline); it is not available here"
+        )
+
+
 def backend_for(device: torch.device | str) -> str:
     """Which implementation runs for tensors on ``device`` when nothing is timed: ``"triton"``, ``"cpu"``,
-    ``"flex"`` (FlexAttention, only when forced) or ``"reference"``. Under ``auto`` this is the fixed device default:
-    what every untimed function runs, and the attention functions when a call cannot be timed (see
-    :mod:`dit_accel.kernels.auto`); the timed choices are in :func:`auto_choices`."""
+    ``"flex"``, ``"fa4"``, ``"flex_flash"``, ``"cudnn_bsa"`` (these only when forced) or ``"reference"``. Under
+    ``auto`` this is the fixed device default: what every untimed function runs, and the attention functions when
+    a call cannot be timed (see :mod:`dit_accel.kernels.auto`); the timed choices are in :func:`auto_choices`."""
     forced = requested()
     if forced in ("reference", "flex"):
+        return forced
+    if forced in ("fa4", "flex_flash", "cudnn_bsa"):
+        _check_optional(forced)
         return forced
     if forced == "triton":
         if not _triton_available():
@@ -285,7 +331,13 @@ def auto_candidates(name: str, device: torch.device | str) -> tuple[str, ...]:
     import here)."""
     device = torch.device(device)
     names = _CANDIDATES.get(device.type, {}).get(name, ())
-    return tuple(b for b in names if b != "triton" or _triton_available())
+
+    def usable(b: str) -> bool:
+        if b == "triton":
+            return _triton_available()
+        return _optional_installed(b) if b in ("fa4", "flex_flash", "cudnn_bsa") else True
+
+    return tuple(b for b in names if usable(b))
 
 
 def auto_choices() -> dict[str, dict[str, Any]]:
@@ -356,6 +408,18 @@ def _module(backend: str) -> Any:
         from . import flex
 
         return flex
+    if backend == "fa4":
+        from . import fa4
+
+        return fa4
+    if backend == "flex_flash":
+        from . import flex_flash
+
+        return flex_flash
+    if backend == "cudnn_bsa":
+        from . import cudnn_bsa
+
+        return cudnn_bsa
     return {"cpu": cpu, "reference": reference}[backend]
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 __all__ = ["BACKENDS", "KernelPolicy", "check_backend", "current_policy", "requested", "use_backend"]
 
 #: the values of ``kernel_backend`` and ``DIT_ACCEL_KERNELS``
-BACKENDS = ("auto", "triton", "flex", "cpu", "reference")
+BACKENDS = ("auto", "triton", "flex", "fa4", "flex_flash", "cudnn_bsa", "cpu", "reference")
 
 
 def check_backend(value: object, name: str = "kernel_backend") -> str:

@@ -17,7 +17,7 @@ import torch
 
 from . import reference
 
-__all__ = ["block_mask_from_lut", "block_sparse_attention", "block_sparse_attention_pair"]
+__all__ = ["block_mask_from_lut", "block_sparse_attention", "block_sparse_attention_pair", "flash_backend_available"]
 
 _COMPILED: dict[str, Any] = {}
 
@@ -35,6 +35,15 @@ def _compiled_flex(device: torch.device):
     if "cuda" not in _COMPILED:
         _COMPILED["cuda"] = torch.compile(_flex(), dynamic=False)
     return _COMPILED["cuda"]
+
+
+def flash_backend_available() -> bool:
+    """Whether FlexAttention's ``BACKEND="FLASH"`` can run here: CUDA, torch >= 2.11 and FlashAttention-4
+    (``flash_attn.cute``) importable; the compiled call still raises if Inductor refuses the mask."""
+    from . import fa4
+
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+    return version >= (2, 11) and fa4.fa4_available()
 
 
 def block_mask_from_lut(
@@ -92,8 +101,10 @@ def block_sparse_attention(
     residual: torch.Tensor | None = None,
     rho_add: float = 0.0,
     rho_clamp: bool = False,
+    kernel_options: dict[str, Any] | None = None,
 ):
-    """Block-sparse attention through FlexAttention (same contract as the reference)."""
+    """Block-sparse attention through FlexAttention (same contract as the reference); ``kernel_options`` go to
+    ``flex_attention`` (``{"BACKEND": "FLASH"}``: :mod:`dit_accel.kernels.flex_flash`)."""
     if return_mass or key_groups is not None or query_groups is not None or rho is not None or residual is not None:
         return reference.block_sparse_attention(
             q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
@@ -105,7 +116,8 @@ def block_sparse_attention(
     key_padding = reference.check_key_padding(key_padding, b, n, q.device)
     mask = block_mask_from_lut(kv_indices, kv_counts, n, block_m=block_m, block_n=block_n, key_padding=key_padding)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    out, lse = _compiled_flex(q.device)(q, k, v, block_mask=mask, scale=scale, return_lse=True)
+    extra = {} if kernel_options is None else {"kernel_options": dict(kernel_options)}
+    out, lse = _compiled_flex(q.device)(q, k, v, block_mask=mask, scale=scale, return_lse=True, **extra)
     empty = torch.isneginf(lse) | torch.isnan(lse)  # a row with no key: 0 and -inf, as the reference (no sync)
     out = out.masked_fill(empty[..., None], 0.0)
     lse = lse.masked_fill(empty, float("-inf"))

@@ -190,3 +190,68 @@ def test_flex_backend_compiled_matches_reference():
     ref_out, ref_lse = reference.block_sparse_attention(q, k, v, idx, cnt, block_m=64, block_n=64)
     torch.testing.assert_close(out.float(), ref_out.float(), **BF16_TOL)
     assert_lse_close(lse, ref_lse, 1e-2)
+
+
+def _fa4_or_skip():
+    from dit_accel.kernels import fa4
+
+    if not fa4.fa4_available():
+        pytest.skip(f"needs FlashAttention-4 ({fa4.FA4_PACKAGE}, scripts/stage_fa4.sh)")
+    return fa4
+
+
+@pytest.mark.parametrize("tile", [None, (64, 64)])
+@pytest.mark.parametrize(("n", "d", "padding"), [(4096 + 100, 64, False), (6000, 128, True)])
+def test_fa4_backend_matches_reference(n, d, padding, tile):
+    """FA4's block sparsity from the LUT (merged 128-tiles with the CuTe mask_mod on partial ones, or on sm90 our
+    64-blocks as they are) against the reference: output, natural-log LSE, empty rows 0 / -inf."""
+    fa4 = _fa4_or_skip()
+    if tile is not None and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("64 x 64 tiles: sm90 only")
+    gen = torch.Generator(device="cuda").manual_seed(n + d)
+    q, k, v = _qkv(1, 4, n, d, gen)
+    mask, idx, cnt = _lut(1, 4, n, 64, 64, 0.2, gen)
+    mask[0, 1, 3] = False  # an empty query block
+    idx, cnt = reference.lut_from_mask(mask)
+    kp = (torch.rand(1, n, generator=gen, device="cuda") > 0.1) if padding else None
+    kw = dict(block_m=64, block_n=64, key_padding=kp)
+    out, lse = fa4.block_sparse_attention(q, k, v, idx, cnt, tile=tile, **kw)
+    ref_out, ref_lse = reference.block_sparse_attention(q, k, v, idx, cnt, **kw)
+    torch.testing.assert_close(out.float(), ref_out.float(), **BF16_TOL)
+    assert_lse_close(lse, ref_lse, 1e-2)
+    assert (out[0, 1, 192:256] == 0).all() and torch.isneginf(lse[0, 1, 192:256]).all()
+
+
+def test_flex_flash_backend_matches_reference():
+    """FlexAttention's FLASH backend (FA4 through Inductor) on the same BlockMask as the flex backend."""
+    from dit_accel.kernels import flex, flex_flash
+
+    if not flex.flash_backend_available():
+        pytest.skip("needs torch >= 2.11 and FlashAttention-4")
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    n = 4096 + 100
+    q, k, v = _qkv(1, 4, n, 64, gen)
+    _, idx, cnt = _lut(1, 4, n, 64, 64, 0.15, gen)
+    out, lse = flex_flash.block_sparse_attention(q, k, v, idx, cnt, block_m=64, block_n=64)
+    ref_out, ref_lse = reference.block_sparse_attention(q, k, v, idx, cnt, block_m=64, block_n=64)
+    torch.testing.assert_close(out.float(), ref_out.float(), **BF16_TOL)
+    assert_lse_close(lse, ref_lse, 1e-2)
+
+
+@pytest.mark.parametrize(("n", "d", "block"), [(4096 + 100, 64, 64), (6000, 128, 128)])
+def test_cudnn_bsa_backend_matches_reference(n, d, block):
+    """cuDNN frontend's block-sparse attention from the LUT (ragged tail through block_sizes, query rows padded to
+    whole blocks) against the reference, empty rows included."""
+    from dit_accel.kernels import cudnn_bsa
+
+    if not cudnn_bsa.cudnn_bsa_available():
+        pytest.skip(f"needs {cudnn_bsa.CUDNN_PACKAGE} (scripts/stage_fa4.sh)")
+    gen = torch.Generator(device="cuda").manual_seed(n + block)
+    q, k, v = _qkv(1, 4, n, d, gen)
+    mask, _, _ = _lut(1, 4, n, block, block, 0.2, gen)
+    mask[0, 1, 2] = False
+    idx, cnt = reference.lut_from_mask(mask)
+    out, lse = cudnn_bsa.block_sparse_attention(q, k, v, idx, cnt, block_m=block, block_n=block)
+    ref_out, ref_lse = reference.block_sparse_attention(q, k, v, idx, cnt, block_m=block, block_n=block)
+    torch.testing.assert_close(out.float(), ref_out.float(), **BF16_TOL)
+    assert_lse_close(lse, ref_lse, 1e-2)
