@@ -63,7 +63,9 @@ def coordinate_planes(x: torch.Tensor, n: int = 3) -> torch.Tensor:
     """(B, n, F, H, W) planes of each pixel's frame, row and column, each spanning [-1, 1] over the clip, and for
     ``n`` = 5 also frame x row and frame x column."""
     b, _, f, h, w = x.shape
-    axes = [torch.linspace(-1.0, 1.0, m, device=x.device, dtype=x.dtype) if m > 1 else x.new_zeros(1) for m in (f, h, w)]
+    axes = [
+        torch.linspace(-1.0, 1.0, m, device=x.device, dtype=x.dtype) if m > 1 else x.new_zeros(1) for m in (f, h, w)
+    ]
     t, y, c = torch.meshgrid(*axes, indexing="ij")
     planes = [t, y, c] + ([t * y, t * c] if n == 5 else [])
     return torch.stack(planes).unsqueeze(0).expand(b, -1, -1, -1, -1)

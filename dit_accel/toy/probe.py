@@ -139,7 +139,9 @@ def word_influence(
             noise = torch.randn(1, 3, frames, height, width, generator=gen).expand(len(prompts), -1, -1, -1, -1)
             noise = noise.to(param.device, param.dtype)
             t = torch.full((len(prompts),), sigma * 1000.0, device=param.device)
-            v = transformer(model_input(transformer, noise), t, text_encoder.encode(prompts).to(param.dtype), return_dict=False)[0]
+            v = transformer(
+                model_input(transformer, noise), t, text_encoder.encode(prompts).to(param.dtype), return_dict=False
+            )[0]
             x0 = (noise - sigma * v).float()
             for i, name in enumerate(WORD_CLASSES):
                 sums[name] += float((x0[i + 1] - x0[0]).abs().mean())
