@@ -90,8 +90,9 @@ def _optional_installed(backend: str) -> bool:
     except Exception:  # noqa: BLE001 - a broken parent package counts as not installed
         found = False
     if backend == "flex_flash":
-        version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit())
-        found = found and version >= (2, 11)
+        from .flex import torch_has_flash_backend
+
+        found = found and torch_has_flash_backend()
     return found
 
 

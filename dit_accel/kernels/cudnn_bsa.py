@@ -93,7 +93,7 @@ def block_sparse_attention(
     rho_clamp: bool = False,
 ):
     """Block-sparse attention through cuDNN BSA (same contract as the reference, no key padding)."""
-    if return_mass or key_groups is not None or query_groups is not None or rho is not None or residual is not None:
+    if reference.needs_reference(return_mass, key_groups, query_groups, rho, residual):
         return reference.block_sparse_attention(
             q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
             return_mass=return_mass, key_padding=key_padding, key_groups=key_groups, query_groups=query_groups,
@@ -116,7 +116,5 @@ def block_sparse_attention(
         allow_empty_block_nums=True, softmax_scale=scale, layout="bhsd",
     )  # fmt: skip
     out, lse = result["o_tensor"][:, :, :n], result["lse_tensor"][:, :, :n]
-    empty = torch.isneginf(lse) | torch.isnan(lse)
-    out = out.masked_fill(empty[..., None], 0.0).contiguous()
-    lse = lse.float().masked_fill(empty, float("-inf"))
-    return (out, lse) if return_lse else out
+    out, lse = reference.empty_rows_as_reference(out, lse)
+    return (out.contiguous(), lse) if return_lse else out.contiguous()

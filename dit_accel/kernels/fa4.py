@@ -212,7 +212,7 @@ def block_sparse_attention(
     tile: tuple[int, int] | None = None,
 ):
     """Block-sparse attention through FA4 (same contract as the reference; ``tile`` overrides :func:`fa4_tile`)."""
-    if return_mass or key_groups is not None or query_groups is not None or rho is not None or residual is not None:
+    if reference.needs_reference(return_mass, key_groups, query_groups, rho, residual):
         return reference.block_sparse_attention(
             q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
             return_mass=return_mass, key_padding=key_padding, key_groups=key_groups, query_groups=query_groups,
@@ -240,8 +240,5 @@ def block_sparse_attention(
         mask_mod=_cute_mask_mod(*sp.tile, block_m, block_n), aux_tensors=[sp.tile_bits, sp.keys_ok],
         block_sparse_tensors=tensors, return_lse=True,
     )  # fmt: skip
-    out = out.transpose(1, 2)
-    empty = torch.isneginf(lse) | torch.isnan(lse)  # a row with no key: 0 and -inf, as the reference (no sync)
-    out = out.masked_fill(empty[..., None], 0.0).contiguous()
-    lse = lse.float().masked_fill(empty, float("-inf"))
-    return (out, lse) if return_lse else out
+    out, lse = reference.empty_rows_as_reference(out.transpose(1, 2), lse)
+    return (out.contiguous(), lse) if return_lse else out.contiguous()

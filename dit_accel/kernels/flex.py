@@ -37,13 +37,18 @@ def _compiled_flex(device: torch.device):
     return _COMPILED["cuda"]
 
 
+def torch_has_flash_backend() -> bool:
+    """Whether this torch's FlexAttention has ``BACKEND="FLASH"`` (2.11 and later)."""
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+    return version >= (2, 11)
+
+
 def flash_backend_available() -> bool:
     """Whether FlexAttention's ``BACKEND="FLASH"`` can run here: CUDA, torch >= 2.11 and FlashAttention-4
     (``flash_attn.cute``) importable; the compiled call still raises if Inductor refuses the mask."""
     from . import fa4
 
-    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit())
-    return version >= (2, 11) and fa4.fa4_available()
+    return torch_has_flash_backend() and fa4.fa4_available()
 
 
 def block_mask_from_lut(
@@ -105,7 +110,7 @@ def block_sparse_attention(
 ):
     """Block-sparse attention through FlexAttention (same contract as the reference); ``kernel_options`` go to
     ``flex_attention`` (``{"BACKEND": "FLASH"}``: :mod:`dit_accel.kernels.flex_flash`)."""
-    if return_mass or key_groups is not None or query_groups is not None or rho is not None or residual is not None:
+    if reference.needs_reference(return_mass, key_groups, query_groups, rho, residual):
         return reference.block_sparse_attention(
             q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
             return_mass=return_mass, key_padding=key_padding, key_groups=key_groups, query_groups=query_groups,
@@ -118,10 +123,8 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     extra = {} if kernel_options is None else {"kernel_options": dict(kernel_options)}
     out, lse = _compiled_flex(q.device)(q, k, v, block_mask=mask, scale=scale, return_lse=True, **extra)
-    empty = torch.isneginf(lse) | torch.isnan(lse)  # a row with no key: 0 and -inf, as the reference (no sync)
-    out = out.masked_fill(empty[..., None], 0.0)
-    lse = lse.masked_fill(empty, float("-inf"))
-    return (out, lse.float()) if return_lse else out
+    out, lse = reference.empty_rows_as_reference(out, lse)
+    return (out, lse) if return_lse else out
 
 
 def block_sparse_attention_pair(

@@ -72,6 +72,19 @@ def _check_block_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n) -> Non
         )
 
 
+def needs_reference(return_mass: bool, key_groups, query_groups, rho, residual) -> bool:
+    """Whether a call asks for what only the reference computes in the library backends (flex, fa4, cudnn_bsa):
+    kept masses, token-level groups or the reshape epilogue."""
+    return return_mass or key_groups is not None or query_groups is not None or rho is not None or residual is not None
+
+
+def empty_rows_as_reference(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A library kernel's (out, lse) with the reference's convention for a row with no key: output 0 and LSE -inf
+    (libraries return NaN or garbage there); lse as float32. Elementwise, no host sync."""
+    empty = torch.isneginf(lse) | torch.isnan(lse)
+    return out.masked_fill(empty[..., None], 0.0), lse.float().masked_fill(empty, float("-inf"))
+
+
 def check_key_padding(key_padding: torch.Tensor | None, b: int, n: int, device: torch.device) -> torch.Tensor | None:
     """``key_padding`` validated as bool (B, N) on ``device`` (None stays None); a ValueError names what is wrong."""
     if key_padding is None:
