@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if use_cuda else "cpu")
     budget = args.budget or ("gpu" if use_cuda else "cpu")
     bcfg = config["budgets"][budget]
-    config = {**config, "train": {**config["train"], **bcfg.get("train", {})}}  # a budget may set its own lr, ...
+    # a budget may set its own lr, ... and model options (e.g. coord_channels): a fresh run's architecture
+    config = {**config, **{k: {**config[k], **bcfg.get(k, {})} for k in ("model", "train")}}
     threads = args.threads if args.threads is not None else bcfg.get("threads", 0)
     if threads:
         torch.set_num_threads(threads)

@@ -218,3 +218,18 @@ def test_cli_render_on_the_toy_prints_freeswim_stats(toy, tmp_path) -> None:
     as_json = CliRunner().invoke(app, [*args, "--json", "--out", str(tmp_path / "b.gif")])
     summary = json.loads(as_json.output[as_json.output.index("{") :])
     assert summary["freeswim"]["guide_steps"] == [0, 1] and (tmp_path / "b.gif").exists()
+
+
+def test_from_pipe_renders_a_toy_that_reads_coordinate_planes() -> None:
+    """A toy with ``coord_channels`` reads 3 pixel channels plus planes: FreeSwim's refinement (the video-to-video
+    pipeline) takes and returns 3-channel clips, not ``in_channels`` ones."""
+    torch.manual_seed(0)
+    cfg = {**TINY, "coord_channels": 5}
+    toy = ToyVideoPipeline(build_transformer(cfg), build_text_encoder(cfg), build_scheduler(cfg))
+    toy.set_progress_bar_config(disable=True)
+    swim = FreeSwimPipeline.from_pipe(toy)
+    video = swim(PROMPT, height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=4, base_height=BASE,
+                 base_width=BASE, cache_every=2, generator=_gen(0)).frames  # fmt: skip
+    assert video.shape == (1, FRAMES, SIZE, SIZE, 3) and torch.isfinite(torch.as_tensor(video)).all()
+    with pytest.raises(ValueError, match=r"expected a \(B, 3, F, H, W\)"):
+        ToyVideoToVideoPipeline.from_pipe(toy)(torch.zeros(1, 8, FRAMES, BASE, BASE), PROMPT, num_inference_steps=2)

@@ -312,7 +312,7 @@ def test_motion_weights_and_speed_range_set_the_data_mix():
         sample_scene(rng, 8, 32, 32, motion_weights=(1, 1, 1))
 
 
-def test_a_phase_sets_its_own_data_mix_and_a_budget_its_own_train_settings(tmp_path: Path) -> None:
+def test_a_phase_sets_its_own_data_mix_and_a_budget_its_own_train_and_model_settings(tmp_path: Path) -> None:
     """Curriculum knobs: a phase's motion_weights / two_object_prob / pan_prob / speed_range override the train
     section's for that phase only, and a budget's "train" entries override the train section (its lr, ...)."""
     import importlib.util
@@ -333,7 +333,14 @@ def test_a_phase_sets_its_own_data_mix_and_a_budget_its_own_train_settings(tmp_p
     first, second = trainer.batch_args(0)[1], trainer.batch_args(3)[1]
     assert first == {"two_object_prob": 0.0, "pan_prob": 0.0, "motion_weights": (1, 1, 1, 1, 0, 0, 0)}
     assert second == {"two_object_prob": config["train"]["two_object_prob"], "pan_prob": config["train"]["pan_prob"]}
-    config["budgets"] = {"tiny": {"threads": 1, "train": {"lr": 0.123, "ckpt_every": 1}, "phases": phases[:1]}}
+    config["budgets"] = {
+        "tiny": {
+            "threads": 1,
+            "model": {"coord_channels": 5},
+            "train": {"lr": 0.123, "ckpt_every": 1},
+            "phases": phases[:1],
+        }
+    }
     (tmp_path / "tiny.json").write_text(json.dumps(config))
     args = ["--config", str(tmp_path / "tiny.json"), "--budget", "tiny", "--device", "cpu", "--max-steps", "1",
             "--out", str(tmp_path / "model"), "--state-dir", str(tmp_path / "state")]  # fmt: skip
@@ -341,6 +348,9 @@ def test_a_phase_sets_its_own_data_mix_and_a_budget_its_own_train_settings(tmp_p
     state = torch.load(tmp_path / "state" / "state.pt", weights_only=False)
     want = train_toy.lr_at(0, 2, {**config["train"], "lr": 0.123})
     assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(want) and want > 0
+    # the budget's model options build the architecture: 3 pixel channels + 5 planes in, 3 out
+    assert state["transformer"]["patch_embedding.weight"].shape[1] == 8
+    assert ToyVideoPipeline.from_pretrained(tmp_path / "model").transformer.config.in_channels == 8
 
 
 def test_coordinate_planes_reach_the_transformer_through_every_toy_path(tmp_path: Path) -> None:

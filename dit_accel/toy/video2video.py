@@ -34,7 +34,7 @@ class ToyVideoToVideoPipeline(ToyVideoPipeline):
         return timesteps[t_start * self.scheduler.order :], num_inference_steps - t_start
 
     def _check_video(self, video: Any, height: int | None, width: int | None) -> torch.Tensor:
-        channels = self.transformer.config.in_channels
+        channels = self.transformer.config.out_channels  # pixels; in_channels adds any coordinate planes
         if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != channels:
             shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
             raise ValueError(f"video={shape}: expected a (B, {channels}, F, H, W) tensor in [-1, 1]")
@@ -121,7 +121,7 @@ class ToyVideoToVideoPipeline(ToyVideoPipeline):
             )
         first = len(self.scheduler.timesteps) - len(timesteps)
         latents = self.prepare_latents(
-            video, prompt_embeds.shape[0], self.transformer.config.in_channels, height, width, torch.float32, device,
+            video, prompt_embeds.shape[0], self.transformer.config.out_channels, height, width, torch.float32, device,
             generator, latents, timesteps[:1].repeat(prompt_embeds.shape[0]),
         )  # fmt: skip
         self._num_timesteps = len(timesteps)
