@@ -304,7 +304,8 @@ def write_card(model: Path, ev: dict[str, Any]) -> None:
     s = ev["settings"]
     seen_line = (
         f"| seen triples ({seen['prompts']} prompts) | {seen['pass_rate']:.0%} | {seen['color_rate']:.0%} | "
-        f"{seen['direction_rate']:.0%} | {seen['frame_diff_render']:.4f} | {seen['frame_diff_data']:.4f} |"
+        f"{seen['direction_rate']:.0%} | {_pct(seen, 'shape_rate')} | {_pct(seen, 'background_rate')} | "
+        f"{seen['frame_diff_render']:.4f} | {seen['frame_diff_data']:.4f} |"
         if seen
         else ""
     )
@@ -326,7 +327,7 @@ video = pipe("a red circle moves left over a striped background").frames[0]  # (
 |---|---|
 | transformer | `WanTransformer3DModel`, {m["layers"]} layers, dim {m["dim"]}, \
 {m["heads"]} heads x {m["dim"] // m["heads"]}, ffn {m["ffn_dim"]}, patch {tuple(m["patch_size"])}, \
-3 input channels (RGB in [-1, 1]) |
+{_input_channels(m)} |
 | text encoder | {len(_vocab(model))} tokens ({len(_vocab(model)) - 2} words, pad, unk), embedding {m["text_dim"]}, \
 {m["text_layers"]} transformer layer, \
 {m["max_length"]} tokens, padded positions zero |
@@ -368,10 +369,14 @@ and the colour's centroid moves in the prompted direction.
 Frame diff: mean |frame[t+1] - frame[t]| of the renders vs data clips of the same prompts (lower = steadier; equal =
 as much change as the real motion).
 
-| prompts | pass | colour | direction | frame diff (render) | frame diff (data) |
-|---|---|---|---|---|---|
+Shape and background are read from the pixels by `dit_accel.toy.judge` (silhouette hole share and reach; the
+simplest of plain / gradient / stripes / checkerboard that explains the background).
+
+| prompts | pass | colour | direction | shape | background | frame diff (render) | frame diff (data) |
+|---|---|---|---|---|---|---|---|
 | held-out triples ({ho["prompts"]} prompts) | **{ho["pass_rate"]:.0%}** | {ho["color_rate"]:.0%} | \
-{ho["direction_rate"]:.0%} | {ho["frame_diff_render"]:.4f} | {ho["frame_diff_data"]:.4f} |
+{ho["direction_rate"]:.0%} | {_pct(ho, "shape_rate")} | {_pct(ho, "background_rate")} | \
+{ho["frame_diff_render"]:.4f} | {ho["frame_diff_data"]:.4f} |
 {seen_line}
 
 Attention structure: share of each query's attention mass within a (2x{att_t["window_half"][0]}+1) x \
@@ -406,45 +411,55 @@ def _status(ev: dict[str, Any], log: dict[str, Any]) -> str:
     local = [a["ratio_to_uniform"] for a in ev["attention_trained"]["layers"]]
     rand = [a["ratio_to_uniform"] for a in ev["attention_random_init"]["layers"]]
     lines = [
-        f"- Attention structure: **met**. Window mass is {min(local):.1f}x to {max(local):.1f}x the uniform share per "
-        f"layer (random init: {min(rand):.1f}x to {max(rand):.1f}x), with strongly local middle layers and more "
-        "global first/last layers."
+        f"- Attention structure: local in every layer: window mass {', '.join(f'{v:.1f}x' for v in local)} the "
+        f"uniform share in layers 0-{len(local) - 1} (random init: {min(rand):.1f}x to {max(rand):.1f}x). The target "
+        "(at least as local per layer as the model it replaced) is judged in docs/toy_model.md."
         if min(local) > 1.5
         else f"- Attention structure: weak ({min(local):.1f}x to {max(local):.1f}x uniform).",
         f"- Default render: 4,096 tokens per self-attention call, {ev['default_render_seconds_2_threads']} s on 2 CPU "
-        f"threads: **{'met' if ev['default_render_seconds_2_threads'] < 60 else 'not met'}** (< 60 s).",
+        f"threads: **{'met' if ev['default_render_seconds_2_threads'] <= 30 else 'not met'}** (at most 30 s).",
     ]
-    if ho["pass_rate"] >= 0.8:
-        lines.append(f"- Prompt fidelity: **met** ({ho['pass_rate']:.0%} of held-out prompts, target 80%).")
-    else:
-        lines.append(
-            f"- Prompt fidelity: **not met**: {ho['pass_rate']:.0%} of held-out prompts pass (target 80%). Colour is "
-            f"right in {ho['color_rate']:.0%}, but motion direction only in {ho['direction_rate']:.0%} (chance is "
-            "25%): the model renders the prompted colour as blobs that do not yet move coherently."
-        )
     ratio = ho["frame_diff_render"] / max(ho["frame_diff_data"], 1e-9)
+    for name, key, target in (
+        ("colour", "color_rate", 0.95),
+        ("motion direction", "direction_rate", 0.80),
+        ("shape", "shape_rate", 0.70),
+        ("background type", "background_rate", 0.70),
+    ):
+        if key in ho:
+            met = "met" if ho[key] >= target else "not met"
+            lines.append(f"- {name.capitalize()}: {ho[key]:.0%} of held-out prompts (target {target:.0%}): **{met}**.")
     lines.append(
-        f"- Temporal coherence: renders change {ratio:.1f}x as much from frame to frame as the data "
-        f"({'coherent' if ratio < 2 else 'flicker: not yet coherent'})."
+        f"- Temporal coherence: renders change {ratio:.1f}x as much from frame to frame as the data (target at most "
+        f"1.5x): **{'met' if ratio <= 1.5 else 'not met'}**."
     )
     inf = ev.get("word_influence", {}).get("sigma_0.9")
     if inf:
         lines.append(
-            "- What is missing: swapping the direction word changes the predicted clean video by "
-            f"{inf['direction']:.4f} on average at sigma 0.9, against {inf['colour']:.4f} for the colour word and "
-            f"{inf['shape']:.4f} for the shape word: the model paints what a prompt says about appearance but barely "
-            "reads what it says about structure and motion."
+            "- Word influence at sigma 0.9 (change of the predicted clean video when the word is swapped): "
+            + ", ".join(f"{c} {inf[c]:.4f}" for c in inf)
+            + "."
         )
-    gpu = log["config"]["budgets"].get("gpu", {}).get("phases", [])
     lines.append(
-        f"- Likely cause: too little training: {log['steps_done']:,} steps ({log['train_seconds'] / 60:.0f} min) on "
-        f"one shared CPU thread, {_clips(log['phases'], log['steps_done']):,} clips; the `gpu` budget draws "
-        f"{_clips(gpu, sum(p['steps'] for p in gpu)):,}. A 2-minute slice of it on an H200 was too short "
-        "(docs/toy_model.md)."
+        f"- Training so far: {log['steps_done']:,} steps ({log['train_seconds'] / 60:.0f} min) on one CPU thread, "
+        f"{_clips(log['phases'], log['steps_done']):,} clips; docs/toy_model.md has the recipe's experiments."
     )
     for event in log.get("history", []):
         lines.append(f"- Run history: {event}")
     return "\n".join(lines)
+
+
+def _pct(rates: dict[str, Any], key: str) -> str:
+    return f"{rates[key]:.0%}" if key in rates else "-"  # evals from before the shape and background judge
+
+
+def _input_channels(m: dict[str, Any]) -> str:
+    from dit_accel.toy.model import coord_channels
+
+    n = coord_channels(m)
+    planes = {0: "", 3: " + 3 coordinate planes (frame, row, column)",
+              5: " + 5 coordinate planes (frame, row, column, frame x row, frame x column)"}[n]  # fmt: skip
+    return f"{3 + n} input channels (RGB in [-1, 1]{planes}), 3 output channels"
 
 
 def _clips(phases: list[dict[str, Any]], steps: int) -> int:
