@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = result[name]["rows"]
         result[name]["seconds_per_render"] = round(secs / len(rows), 2)
         print(f"{name}: pass {result[name]['pass_rate']:.0%} of {len(rows)}", flush=True)
-        strip.extend(videos[:: max(len(videos) // 4, 1)][:4])
+        if name == "held_out":  # one render per held-out triple (its first background), in prompt order
+            strip.extend(videos[:: args.per_triple])
 
     half = (1, 2, 2)
     probe_prompts = [it["prompt"] for it in groups["held_out"][: args.probe_prompts]]
@@ -271,11 +272,12 @@ def _model_cfg(pipe: ToyVideoPipeline) -> dict[str, Any]:
         "patch_size": list(c.patch_size),
         "freq_dim": c.freq_dim,
         "text_dim": c.text_dim,
+        "coord_channels": c.in_channels - c.out_channels,  # the same input width, so the same architecture
     }
 
 
 def _save_strip(videos: list[np.ndarray], path: Path) -> None:
-    """Every fourth frame of a few renders, one render per row."""
+    """Every fourth frame of each render, one render per row."""
     import imageio.v3 as iio
 
     rows = [np.concatenate(list(v[::4]), axis=1) for v in videos]
@@ -390,6 +392,9 @@ local heads, low ones global heads.
 {att_rows}
 
 {_influence_section(ev)}
+
+Samples: every fourth frame of one dense render per held-out triple, top to bottom:
+{"; ".join(r["prompt"] for r in ho["rows"][:: s["per_triple"]])}.
 
 ![samples](samples.png)
 

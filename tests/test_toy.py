@@ -390,3 +390,19 @@ def test_coordinate_planes_reach_the_transformer_through_every_toy_path(tmp_path
         build_transformer({**TINY, "coord_channels": 4})
     with pytest.raises(ValueError, match="difference must be one of"):
         model_input(tf, torch.zeros(1, 4, 2, 8, 8))
+
+
+def test_eval_toy_compares_with_a_random_init_of_the_same_architecture() -> None:
+    """eval_toy's random-init baseline is rebuilt from the trained transformer's config: with coordinate planes it
+    must read the same 8 input channels, not the plain 3-channel model."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("eval_toy", root / "scripts" / "eval_toy.py")
+    eval_toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_toy)
+    for coords in (0, 5):
+        cfg = {**TINY, "coord_channels": coords}
+        pipe = ToyVideoPipeline(build_transformer(cfg), build_text_encoder(cfg), build_scheduler(cfg))
+        rebuilt = build_transformer(eval_toy._model_cfg(pipe))
+        assert dict(rebuilt.config) == dict(pipe.transformer.config)
