@@ -462,8 +462,7 @@ def _input_channels(m: dict[str, Any]) -> str:
     from dit_accel.toy.model import coord_channels
 
     n = coord_channels(m)
-    planes = {0: "", 3: " + 3 coordinate planes (frame, row, column)",
-              5: " + 5 coordinate planes (frame, row, column, frame x row, frame x column)"}[n]  # fmt: skip
+    planes = f" + {n} coordinate planes, `coord_channels`" if n else ""
     return f"{3 + n} input channels (RGB in [-1, 1]{planes}), 3 output channels"
 
 

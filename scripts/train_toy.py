@@ -333,7 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     state_dir, out = Path(args.state_dir), Path(args.out)
     state_dir.mkdir(parents=True, exist_ok=True)
     if args.resume and (state_dir / "state.pt").exists():
-        trainer.load_state_dict(torch.load(state_dir / "state.pt", map_location=device, weights_only=False))
+        try:
+            trainer.load_state_dict(torch.load(state_dir / "state.pt", map_location=device, weights_only=False))
+        except RuntimeError as err:  # a size mismatch: the state was trained with other model options
+            raise SystemExit(
+                f"--resume: {state_dir / 'state.pt'} does not fit the model that --budget {budget} builds "
+                f"(model options {config['model']}); resume with the budget it was trained with.\n{err}"
+            ) from err
         print(f"resumed at step {trainer.step_idx}", flush=True)
         trainer.history.append(
             f"resumed at step {trainer.step_idx:,} with budget `{budget}` ({trainer.total:,} steps planned); the "

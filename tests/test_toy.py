@@ -312,17 +312,26 @@ def test_motion_weights_and_speed_range_set_the_data_mix():
         sample_scene(rng, 8, 32, 32, motion_weights=(1, 1, 1))
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    """``scripts/<name>.py`` loaded as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_a_phase_sets_its_own_data_mix_and_a_budget_its_own_train_and_model_settings(tmp_path: Path) -> None:
     """Curriculum knobs: a phase's motion_weights / two_object_prob / pan_prob / speed_range override the train
     section's for that phase only, and a budget's "train" entries override the train section (its lr, ...)."""
-    import importlib.util
     import json
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("train_toy", root / "scripts" / "train_toy.py")
-    train_toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_toy)
-    config = json.loads((root / "configs" / "toy.json").read_text())
+    train_toy = _script("train_toy")
+    config = json.loads((ROOT / "configs" / "toy.json").read_text())
     config["model"] = TINY
     directional = {"motion_weights": [1, 1, 1, 1, 0, 0, 0], "two_object_prob": 0.0, "pan_prob": 0.0}
     phases = [
@@ -351,6 +360,12 @@ def test_a_phase_sets_its_own_data_mix_and_a_budget_its_own_train_and_model_sett
     # the budget's model options build the architecture: 3 pixel channels + 5 planes in, 3 out
     assert state["transformer"]["patch_embedding.weight"].shape[1] == 8
     assert ToyVideoPipeline.from_pretrained(tmp_path / "model").transformer.config.in_channels == 8
+    # resuming that state under a budget that builds another architecture is a clear error, not a size mismatch
+    config["budgets"]["plain"] = {"threads": 1, "phases": phases[:1]}
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    resume = [a if a != "tiny" else "plain" for a in args] + ["--resume"]
+    with pytest.raises(SystemExit, match="does not fit the model that --budget plain builds"):
+        train_toy.main(resume)
 
 
 def test_coordinate_planes_reach_the_transformer_through_every_toy_path(tmp_path: Path) -> None:
@@ -395,12 +410,7 @@ def test_coordinate_planes_reach_the_transformer_through_every_toy_path(tmp_path
 def test_eval_toy_compares_with_a_random_init_of_the_same_architecture() -> None:
     """eval_toy's random-init baseline is rebuilt from the trained transformer's config: with coordinate planes it
     must read the same 8 input channels, not the plain 3-channel model."""
-    import importlib.util
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("eval_toy", root / "scripts" / "eval_toy.py")
-    eval_toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_toy)
+    eval_toy = _script("eval_toy")
     for coords in (0, 5):
         cfg = {**TINY, "coord_channels": coords}
         pipe = ToyVideoPipeline(build_transformer(cfg), build_text_encoder(cfg), build_scheduler(cfg))
