@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples-png", default=None, help="strip of renders (default: beside the results)")
     ap.add_argument("--card-only", action="store_true", help="rewrite the card from an existing eval.json")
     args = ap.parse_args(argv)
+    for name in ("probe_prompts", "influence_prompts", "per_triple"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.card_only:
         write_card(Path(args.model), json.loads((Path(args.model) / "eval.json").read_text()))
         return 0

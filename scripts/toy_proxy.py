@@ -36,7 +36,7 @@ from train_toy import Trainer  # noqa: E402
 from dit_accel.toy.data import HELD_OUT  # noqa: E402
 from dit_accel.toy.model import build_scheduler  # noqa: E402
 from dit_accel.toy.pipeline import ToyVideoPipeline  # noqa: E402
-from dit_accel.toy.probe import word_influence  # noqa: E402
+from dit_accel.toy.probe import AttentionProbe, word_influence  # noqa: E402
 
 ROOT = Path("runs/toy-proxy")
 
@@ -71,9 +71,14 @@ def evaluate(trainer: Trainer, size: tuple[int, int, int], prompts: int, seed: i
     scenes = [(it["color"], it["shape"], it["direction"], it["background"]) for it in items[::2]]
     influence = word_influence(pipe.transformer, pipe.text_encoder, scenes, size, sigmas=(0.9, 0.6), seed=seed)
     settings = argparse.Namespace(frames=frames, size=height, steps=10, cfg=4.0, batch=4)
-    scores = score_renders(items, render_set(pipe, items, settings, seed, desc="eval"), size, seed)
+    pt, ph, pw = pipe.transformer.config.patch_size
+    probe = AttentionProbe(pipe.transformer)
+    with probe.attached((frames // pt, height // ph, width // pw)):  # every call of the renders, cond and uncond
+        videos = render_set(pipe, items, settings, seed, desc="eval")
+    scores = score_renders(items, videos, size, seed)
     return {
         "influence": influence,
+        "attention": probe.summary(),
         **{k: scores[k] for k in ("direction_rate", "color_rate", "shape_rate", "background_rate")},
         "frame_diff_ratio": round(scores["frame_diff_render"] / max(scores["frame_diff_data"], 1e-9), 2),
         "prompts": scores["prompts"],
@@ -84,12 +89,18 @@ def _rate(ev: dict[str, Any], key: str) -> str:
     return f"{ev[key]:.0%}" if key in ev else "-"  # runs from before the shape and background judge
 
 
+def _top_mass(ev: dict[str, Any]) -> str:
+    layers = ev.get("attention", {}).get("layers", [])  # runs from before the attention probe: none
+    return " / ".join(f"{layer['top10_mass']:.2f}" for layer in layers) or "-"
+
+
 def table(root: Path = ROOT) -> str:
     """Every finished proxy run, one row each (markdown)."""
     lines = [
         "| run | overrides | steps | loss (last 100) | direction infl. 0.9 / 0.6 | shape infl. 0.9 / 0.6 "
-        "| colour infl. 0.9 | direction rate | colour rate | shape rate | background rate | frame diff | min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| colour infl. 0.9 | direction rate | colour rate | shape rate | background rate | frame diff "
+        "| top-10% key mass per layer | min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(root.glob("*/result.json"), key=lambda p: p.stat().st_mtime):
         r = json.loads(path.read_text())
@@ -99,7 +110,7 @@ def table(root: Path = ROOT) -> str:
             f"| {r['name']} | {' '.join(r['sets']) or '-'} | {r['steps']} | {r['loss_last_100']:.4f} "
             f"| {a['direction']:.4f} / {b['direction']:.4f} | {a['shape']:.4f} / {b['shape']:.4f} | {a['colour']:.4f} "
             f"| {ev['direction_rate']:.0%} | {ev['color_rate']:.0%} | {_rate(ev, 'shape_rate')} "
-            f"| {_rate(ev, 'background_rate')} | {ev['frame_diff_ratio']:.2f} "
+            f"| {_rate(ev, 'background_rate')} | {ev['frame_diff_ratio']:.2f} | {_top_mass(ev)} "
             f"| {r['train_seconds'] / 60:.1f} |"
         )
     return "\n".join(lines)

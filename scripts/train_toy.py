@@ -85,6 +85,9 @@ class Trainer:
             value = ph.get(key, self.tcfg.get(key))
             if value is not None:
                 kwargs[key] = tuple(value)
+        variety = ph.get("background_variety", self.tcfg.get("background_variety"))
+        if variety is not None:
+            kwargs["background_variety"] = variety
         return args, kwargs
 
     def step(self, batch: tuple | None = None) -> None:
@@ -156,6 +159,30 @@ class Trainer:
         self.opt.load_state_dict(sd["opt"])
         self.step_idx, self.losses, self.seconds = sd["step"], sd["losses"], sd["seconds"]
         self.history = list(sd.get("history", []))
+
+    def init_from(self, model_dir: Path) -> None:
+        """Load a trained model directory's weights into the live and EMA models (a fine-tune: the optimiser, step
+        count and loss log start fresh), and log in the history how much training those weights already had."""
+        pipe = ToyVideoPipeline.from_pretrained(model_dir)
+        try:
+            live_models = (self.transformer, self.text_encoder)
+            for live, ema, trained in zip(live_models, self.ema, (pipe.transformer, pipe.text_encoder)):
+                live.load_state_dict(trained.state_dict())
+                ema.load_state_dict(trained.state_dict())
+        except RuntimeError as err:
+            raise SystemExit(
+                f"--init-from: {model_dir} does not fit the model this budget builds (model options {self.mcfg}); "
+                f"use the budget it was trained with.\n{err}"
+            ) from err
+        log_path = model_dir / "train_log.json"
+        log = json.loads(log_path.read_text()) if log_path.exists() else {}
+        earlier = "; ".join(log.get("history", []))
+        steps = log.get("steps_done")
+        self.history.append(
+            f"initialised from `{model_dir}` ({f'{steps:,}' if isinstance(steps, int) else 'unknown'} steps, "
+            f"{log.get('train_seconds', 0) / 3600:.2f} h on {log.get('hardware', 'unknown hardware')}, budget "
+            f"`{log.get('budget', '?')}`{'; its history: ' + earlier if earlier else ''})"
+        )
 
     def export(self, out: Path, hardware: str, budget: str) -> None:
         """Write the EMA weights as a loadable pipeline directory plus the training log and loss curve."""
@@ -305,7 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         "training on this device; training also stops and exports when they are up",
     )  # fmt: skip
     ap.add_argument("--workers", type=int, default=None, help="data processes (default: CPUs - 2 on CUDA, else 0)")
+    ap.add_argument(
+        "--init-from", default=None, metavar="MODEL_DIR",
+        help="start a fresh run (new optimiser, the budget's schedule) from a trained model directory's weights",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.init_from and args.resume:
+        ap.error("--init-from starts a new run from a model's weights; --resume continues a run's own state")
 
     config = json.loads(Path(args.config).read_text())
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -345,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             f"resumed at step {trainer.step_idx:,} with budget `{budget}` ({trainer.total:,} steps planned); the "
             "learning-rate schedule follows the new plan from there"
         )
+    elif args.init_from:
+        trainer.init_from(Path(args.init_from))
+        print(f"initialised from {args.init_from}", flush=True)
     total = trainer.total if args.max_steps is None else min(trainer.total, args.max_steps)
     every, log_every = config["train"]["ckpt_every"], config["train"]["log_every"]
 

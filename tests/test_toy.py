@@ -267,7 +267,7 @@ def test_train_script_is_reproducible_with_and_without_data_workers(tmp_path: Pa
     assert pipe.transformer.config.num_layers == 1
 
 
-def test_word_influence_is_zero_for_a_word_the_model_cannot_see() -> None:
+def test_word_influence_is_zero_for_a_word_the_model_cannot_see(capsys: pytest.CaptureFixture) -> None:
     from dit_accel.toy.probe import WORD_CLASSES, word_influence
 
     torch.manual_seed(0)
@@ -282,6 +282,12 @@ def test_word_influence_is_zero_for_a_word_the_model_cannot_see() -> None:
         assert list(per_class) == list(WORD_CLASSES)
         assert per_class["direction"] == 0.0
         assert per_class["colour"] > 0 and per_class["background"] > 0
+    with pytest.raises(ValueError, match="scenes must hold at least one"):  # was a ZeroDivisionError
+        word_influence(tf, te, [], size=(4, 16, 16))
+    eval_toy = _script("eval_toy")
+    with pytest.raises(SystemExit):  # refused before any model is loaded
+        eval_toy.main(["--influence-prompts", "0"])
+    assert "--influence-prompts must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_prompt_dropout_equals_training_on_the_empty_prompt() -> None:
@@ -315,6 +321,55 @@ def test_motion_weights_and_speed_range_set_the_data_mix():
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_fixed_background_variety_gives_each_background_word_one_look_and_keeps_the_objects():
+    """``background_variety="fixed"``: the same scene stream (objects, words, pans) with the unnamed background
+    draws (tones, period, orientation, gradient angle) replaced by one look per word; random is the default."""
+    from dit_accel.toy.data import FIXED_BG_PARAMS, FIXED_BG_TONES
+
+    def stream(**kw):
+        rng = np.random.default_rng(7)
+        return [sample_scene(rng, 8, 32, 32, **kw) for _ in range(30)]
+
+    rand, fixed = stream(), stream(background_variety="fixed")
+    assert [s.objects for s in rand] == [s.objects for s in fixed]
+    assert [(s.background, s.pan) for s in rand] == [(s.background, s.pan) for s in fixed]
+    assert all(s.bg_colors == FIXED_BG_TONES and s.bg_param == FIXED_BG_PARAMS[s.background] for s in fixed)
+    assert len({(s.bg_colors, s.bg_param) for s in rand if s.background == "striped"}) > 1
+    by_word = {}  # one look per word: the rendered first frame of every striped clip is the same
+    for s in fixed:
+        if s.pan is None:
+            by_word.setdefault(s.background, []).append(render(SceneSpec(**{**s.__dict__, "objects": ()}))[0])
+    assert all(np.array_equal(frames[0], f) for frames in by_word.values() for f in frames)
+    with pytest.raises(ValueError, match="background_variety='noisy'"):
+        sample_scene(np.random.default_rng(0), 8, 32, 32, background_variety="noisy")
+
+
+def test_attention_probe_reads_a_uniform_map_as_unstructured():
+    """With q = 0 every softmax row is uniform: the window share equals the uniform share (ratio 1) and the top
+    tenth of the keys holds exactly a tenth of the mass; a real map must then score above both."""
+    from dit_accel.toy.probe import AttentionProbe
+
+    torch.manual_seed(0)
+    tf = build_transformer(TINY).eval()
+    grid, x = (2, 4, 5), torch.randn(1, 3, 2, 16, 20)  # 40 tokens: the top tenth is 4 keys
+    t, text = torch.full((1,), 500.0), torch.randn(1, 24, TINY["text_dim"])
+
+    def summary():
+        probe = AttentionProbe(tf, half=(0, 1, 1))
+        with probe.attached(grid), torch.no_grad():
+            tf(model_input(tf, x), t, text, return_dict=False)
+        return probe.summary()["layers"][0]
+
+    trained = summary()
+    with torch.no_grad():
+        tf.blocks[0].attn1.to_q.weight.zero_()
+        tf.blocks[0].attn1.to_q.bias.zero_()
+    uniform = summary()
+    assert uniform["ratio_to_uniform"] == pytest.approx(1.0, abs=0.01)
+    assert uniform["top10_mass"] == pytest.approx(0.1, abs=1e-3)
+    assert trained["top10_mass"] > 0.1 + 1e-3
+
+
 def _script(name: str):
     """``scripts/<name>.py`` loaded as a module (the scripts are not a package)."""
     import importlib.util
@@ -342,6 +397,8 @@ def test_a_phase_sets_its_own_data_mix_and_a_budget_its_own_train_and_model_sett
     first, second = trainer.batch_args(0)[1], trainer.batch_args(3)[1]
     assert first == {"two_object_prob": 0.0, "pan_prob": 0.0, "motion_weights": (1, 1, 1, 1, 0, 0, 0)}
     assert second == {"two_object_prob": config["train"]["two_object_prob"], "pan_prob": config["train"]["pan_prob"]}
+    phases[1]["background_variety"] = "fixed"  # reaches sample_scene only from the phase that sets it
+    assert trainer.batch_args(3)[1]["background_variety"] == "fixed" and "background_variety" not in first
     config["budgets"] = {
         "tiny": {
             "threads": 1,
@@ -366,6 +423,41 @@ def test_a_phase_sets_its_own_data_mix_and_a_budget_its_own_train_and_model_sett
     resume = [a if a != "tiny" else "plain" for a in args] + ["--resume"]
     with pytest.raises(SystemExit, match="does not fit the model that --budget plain builds"):
         train_toy.main(resume)
+
+
+def test_init_from_starts_a_fresh_run_from_a_trained_models_weights(tmp_path: Path) -> None:
+    """A fine-tune (``--init-from``) begins at the given model's weights, live and EMA, with a fresh step count,
+    and its history names what the weights had already been through; a model of another shape is a clear error."""
+    import json
+
+    train_toy = _script("train_toy")
+    config = json.loads((ROOT / "configs" / "toy.json").read_text())
+    config["model"] = TINY
+    phase = {"steps": 1, "batch": 1, "frames": 4, "height": 16, "width": 16}
+    config["budgets"] = {
+        "tiny": {"threads": 1, "phases": [phase]},
+        "wide": {"threads": 1, "model": {"coord_channels": 5}, "phases": [phase]},
+    }
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+
+    def run(name: str, budget: str, *extra: str) -> None:
+        args = ["--config", str(tmp_path / "tiny.json"), "--budget", budget, "--device", "cpu",
+                "--out", str(tmp_path / name), "--state-dir", str(tmp_path / f"{name}-state"), *extra]  # fmt: skip
+        assert train_toy.main(args) == 0
+
+    run("first", "tiny")
+    first = ToyVideoPipeline.from_pretrained(tmp_path / "first").transformer.state_dict()
+    config["train"]["lr"] = 0.0  # the fine-tune's update then leaves the loaded weights exactly as they were
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    run("second", "tiny", "--init-from", str(tmp_path / "first"))
+    second = ToyVideoPipeline.from_pretrained(tmp_path / "second").transformer.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    state = torch.load(tmp_path / "second-state" / "state.pt", weights_only=False)
+    assert state["step"] == 1 and len(state["losses"]) == 1
+    assert all(torch.equal(state["transformer"][k], first[k]) for k in first)
+    assert "initialised from" in state["history"][0] and "1 steps" in state["history"][0]
+    with pytest.raises(SystemExit, match="--init-from: .* does not fit the model"):
+        run("third", "wide", "--init-from", str(tmp_path / "first"))
 
 
 def test_coordinate_planes_reach_the_transformer_through_every_toy_path(tmp_path: Path) -> None:

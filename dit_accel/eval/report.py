@@ -37,6 +37,7 @@ _NUMERIC = (
     "wall_s",
     "attention_s",
     "density",
+    "attention_work",
     "psnr",
     "ssim",
     "lpips",
@@ -134,9 +135,9 @@ def _table(rows: Sequence[dict[str, Any]], speed: str) -> list[str]:
     where = _where(rows)
     head = (
         f"| configuration | kind | runs | speed-up | measured ({where}) | est. (time) | est. (FLOPs, GPU kernels) "
-        "| density | PSNR dB | SSIM | LPIPS | flicker Δ | latent err | attn err |"
+        "| density | attention work | PSNR dB | SSIM | LPIPS | flicker Δ | latent err | attn err |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for row in sorted(rows, key=lambda r: -(r.get(speed) or 0.0)):
         lines.append(
             "| "
@@ -150,6 +151,7 @@ def _table(rows: Sequence[dict[str, Any]], speed: str) -> list[str]:
                     _fmt(row.get("est_speedup"), 2),
                     _fmt(row.get("est_speedup_flops"), 2),
                     _fmt(row.get("density")),
+                    _fmt(row.get("attention_work")),
                     _fmt(row.get("psnr"), 2),
                     _fmt(row.get("ssim"), 4),
                     _fmt(row.get("lpips"), 4),

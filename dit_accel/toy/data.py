@@ -37,6 +37,16 @@ BG_TONES: tuple[tuple[float, float, float], ...] = (
     (0.38, 0.38, 0.40),
     (0.46, 0.45, 0.44),
 )
+#: ``background_variety="fixed"``: one look per background word (tones, gradient direction, stripe orientation and
+#: period, checker cell), so a frame's background follows from its prompt and each pixel's position alone.
+FIXED_BG_TONES: tuple[tuple[float, float, float], tuple[float, float, float]] = (BG_TONES[1], BG_TONES[4])
+FIXED_BG_PARAMS: dict[str, tuple[float, ...]] = {
+    "plain": (),
+    "gradient": (1.0, 0.0),
+    "striped": (1.0, 8.0),
+    "checkered": (8.0,),
+}
+BACKGROUND_VARIETIES: tuple[str, ...] = ("random", "fixed")
 # Unit vectors in image coordinates (x right, y down).
 DIR_VEC: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0),
@@ -226,11 +236,18 @@ def sample_scene(
     allow_held_out: bool = False,
     motion_weights: Sequence[float] | None = None,
     speed_range: tuple[float, float] = (1.5, 2.5),
+    background_variety: str = "random",
 ) -> SceneSpec:
     """Draw a random scene; held-out (colour, shape, direction) triples are excluded unless asked for.
 
     ``motion_weights`` (one weight per entry of :data:`MOTIONS`, default uniform) and ``speed_range`` (px/frame of
-    linear motion, capped so the path fits the canvas) set how much of the data carries a direction signal."""
+    linear motion, capped so the path fits the canvas) set how much of the data carries a direction signal.
+    ``background_variety="fixed"`` draws every background word with one look (:data:`FIXED_BG_PARAMS`): the tones,
+    period and orientation the prompt does not name then need no agreement across the frame, which a small model
+    can only reach through nearly uniform attention. The random draws are made either way, so both varieties
+    place the same objects."""
+    if background_variety not in BACKGROUND_VARIETIES:
+        raise ValueError(f"background_variety={background_variety!r}: expected one of {BACKGROUND_VARIETIES}")
     if motion_weights is not None and (
         len(motion_weights) != len(MOTIONS) or min(motion_weights) < 0 or sum(motion_weights) <= 0
     ):
@@ -250,6 +267,8 @@ def sample_scene(
         bg_param = (float(rng.choice([6, 8])),)
     else:
         bg_param = ()
+    if background_variety == "fixed":
+        bg_colors, bg_param = FIXED_BG_TONES, FIXED_BG_PARAMS[background]
     pan = None
     pan_speed = 0.0
     if background in ("striped", "checkered") and rng.random() < pan_prob:

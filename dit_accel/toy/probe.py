@@ -5,6 +5,8 @@ Forward hooks on every ``attn1`` capture the processor's inputs; q and k are the
 ``WanAttnProcessor`` does (projection, RMS norm across heads, 3D RoPE) and the softmax map is formed with plain torch.
 The number reported is the share of attention mass that falls inside a 3D neighbourhood of the query, against the
 share a uniform map would put there: ~1x means unstructured, large means local (what window-sparse methods exploit).
+Beside it, the mass each query's top 10 % of keys hold (1 = all of it; 0.1 = uniform): what any sparse method that
+keeps a tenth of the keys can keep at best, wherever those keys are.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class AttentionProbe:
         self.transformer, self.half = transformer, half
         self.grid: tuple[int, int, int] | None = None
         self.mass: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.top_mass: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.uniform: float | None = None
         self.enabled = True
         self._mask: torch.Tensor | None = None
@@ -67,6 +70,8 @@ class AttentionProbe:
         probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
         share = (probs * self._mask).sum(-1).mean(-1)  # (B, H)
         self.mass[layer].append(share.mean(0).cpu())
+        top = probs.topk(max(1, probs.shape[-1] // 10), dim=-1).values.sum(-1).mean(-1)  # (B, H)
+        self.top_mass[layer].append(top.mean(0).cpu())
 
     @contextmanager
     def attached(self, grid: tuple[int, int, int]) -> Iterator[AttentionProbe]:
@@ -87,12 +92,15 @@ class AttentionProbe:
         layers = []
         for i in sorted(self.mass):
             heads = torch.stack(self.mass[i]).mean(0)
+            top = torch.stack(self.top_mass[i]).mean(0)
             layers.append(
                 {
                     "layer": i,
                     "window_share": round(float(heads.mean()), 4),
                     "ratio_to_uniform": round(float(heads.mean()) / self.uniform, 2),
                     "head_ratios": [round(float(v) / self.uniform, 2) for v in heads],
+                    "top10_mass": round(float(top.mean()), 3),
+                    "head_top10_mass": [round(float(v), 3) for v in top],
                 }
             )
         return {
@@ -124,6 +132,8 @@ def word_influence(
     (``x_t - sigma * v``, pixels in [-1, 1]) when that word is swapped for the next word of its class, with the same
     noise and sigma. Per sigma and word class, averaged over ``scenes`` = (colour, shape, direction, background).
     A word the model ignores scores about 0; it is the earliest sign of whether training has picked a word up."""
+    if not scenes:
+        raise ValueError("word_influence: scenes must hold at least one (colour, shape, direction, background)")
     out: dict[str, dict[str, float]] = {}
     frames, height, width = size
     param = next(transformer.parameters())
