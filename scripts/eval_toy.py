@@ -287,6 +287,13 @@ def _save_strip(videos: list[np.ndarray], path: Path) -> None:
     iio.imwrite(path, (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8))
 
 
+def _top_mass(layer: dict[str, Any]) -> str:
+    """The mass of each query's top 10% keys (the most any sparse method keeping a tenth can keep), per head."""
+    if "top10_mass" not in layer:  # an eval from before the probe measured it
+        return "-"
+    return f"{layer['top10_mass']:.2f} ({', '.join(f'{h:.2f}' for h in layer['head_top10_mass'])})"
+
+
 def write_card(model: Path, ev: dict[str, Any]) -> None:
     """Model card from the training log and these numbers."""
     log = json.loads((model / "train_log.json").read_text())
@@ -303,7 +310,8 @@ def write_card(model: Path, ev: dict[str, Any]) -> None:
     att_t, att_r = ev["attention_trained"], ev["attention_random_init"]
     att_rows = "\n".join(
         f"| {a['layer']} | {a['window_share']:.3f} | {a['ratio_to_uniform']:.1f}x | "
-        f"{', '.join(f'{h:.1f}x' for h in a['head_ratios'])} | {r['ratio_to_uniform']:.1f}x |"
+        f"{', '.join(f'{h:.1f}x' for h in a['head_ratios'])} | {r['ratio_to_uniform']:.1f}x | "
+        f"{_top_mass(a)} | {_top_mass(r)} |"
         for a, r in zip(att_t["layers"], att_r["layers"])
     )
     s = ev["settings"]
@@ -388,10 +396,12 @@ Attention structure: share of each query's attention mass within a (2x{att_t["wi
 (2x{att_t["window_half"][1]}+1) x (2x{att_t["window_half"][2]}+1) token neighbourhood (time x height x width) on the
 {" x ".join(map(str, att_t["grid"]))} grid, cond branch, averaged over all steps of {att_t["renders"]} held-out
 render(s); a uniform map puts {att_t["uniform_share"]:.4f} there. Ratios near 1x are unstructured; high ratios are
-local heads, low ones global heads.
+local heads, low ones global heads. The top-10% key mass is the share of a query's softmax mass its top tenth of keys
+hold (0.10 = uniform): the most a sparse method that keeps a tenth of the keys can keep, wherever they are ("-": an
+evaluation from before this measure).
 
-| layer | window share | ratio to uniform | per head | random init (same arch) |
-|---|---|---|---|---|
+| layer | window share | ratio to uniform | per head | random init (same arch) | top-10% key mass (heads) | random |
+|---|---|---|---|---|---|---|
 {att_rows}
 
 {_influence_section(ev)}
@@ -449,7 +459,8 @@ def _status(ev: dict[str, Any], log: dict[str, Any]) -> str:
             + "."
         )
     lines.append(
-        f"- Training so far: {log['steps_done']:,} steps ({log['train_seconds'] / 60:.0f} min) on one CPU thread, "
+        f"- Training so far: {log['steps_done']:,} steps ({log['train_seconds'] / 60:.0f} min) on "
+        f"{log.get('hardware', 'unknown hardware')}, "
         f"{_clips(log['phases'], log['steps_done']):,} clips; docs/toy_model.md has the recipe's experiments."
     )
     for event in log.get("history", []):

@@ -499,6 +499,17 @@ def test_coordinate_planes_reach_the_transformer_through_every_toy_path(tmp_path
         model_input(tf, torch.zeros(1, 4, 2, 8, 8))
 
 
+def test_the_card_names_the_hardware_the_run_trained_on() -> None:
+    """The card's training line reads the log's hardware (it said "one CPU thread" for a 2-thread run)."""
+    import json
+
+    eval_toy = _script("eval_toy")
+    ev = json.loads((ASSET / "eval.json").read_text())
+    log = {**json.loads((ASSET / "train_log.json").read_text()), "hardware": "CPU, 2 thread(s)"}
+    status = eval_toy._status(ev, log)
+    assert "on CPU, 2 thread(s)," in status and "one CPU thread" not in status
+
+
 def test_eval_toy_compares_with_a_random_init_of_the_same_architecture() -> None:
     """eval_toy's random-init baseline is rebuilt from the trained transformer's config: with coordinate planes it
     must read the same 8 input channels, not the plain 3-channel model."""
