@@ -317,7 +317,7 @@ def write_card(model: Path, ev: dict[str, Any]) -> None:
     s = ev["settings"]
     seen_line = (
         f"| seen triples ({seen['prompts']} prompts) | {seen['pass_rate']:.0%} | {seen['color_rate']:.0%} | "
-        f"{seen['direction_rate']:.0%} | {_pct(seen, 'shape_rate')} | {_pct(seen, 'background_rate')} | "
+        f"{seen['direction_rate']:.0%} | {rate_cell(seen, 'shape_rate')} | {rate_cell(seen, 'background_rate')} | "
         f"{seen['frame_diff_render']:.4f} | {seen['frame_diff_data']:.4f} |"
         if seen
         else ""
@@ -388,7 +388,7 @@ simplest of plain / gradient / stripes / checkerboard that explains the backgrou
 | prompts | pass | colour | direction | shape | background | frame diff (render) | frame diff (data) |
 |---|---|---|---|---|---|---|---|
 | held-out triples ({ho["prompts"]} prompts) | **{ho["pass_rate"]:.0%}** | {ho["color_rate"]:.0%} | \
-{ho["direction_rate"]:.0%} | {_pct(ho, "shape_rate")} | {_pct(ho, "background_rate")} | \
+{ho["direction_rate"]:.0%} | {rate_cell(ho, "shape_rate")} | {rate_cell(ho, "background_rate")} | \
 {ho["frame_diff_render"]:.4f} | {ho["frame_diff_data"]:.4f} |
 {seen_line}
 
@@ -468,8 +468,9 @@ def _status(ev: dict[str, Any], log: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _pct(rates: dict[str, Any], key: str) -> str:
-    return f"{rates[key]:.0%}" if key in rates else "-"  # evals from before the shape and background judge
+def rate_cell(rates: dict[str, Any], key: str) -> str:
+    """A rate as a table cell; "-" for results from before the shape and background judge (eval and proxy)."""
+    return f"{rates[key]:.0%}" if key in rates else "-"
 
 
 def _input_channels(m: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_toy import eval_prompts, render_set, score_renders  # noqa: E402
+from eval_toy import eval_prompts, rate_cell, render_set, score_renders  # noqa: E402
 from train_toy import Trainer  # noqa: E402
 
 from dit_accel.toy.data import HELD_OUT  # noqa: E402
@@ -85,10 +85,6 @@ def evaluate(trainer: Trainer, size: tuple[int, int, int], prompts: int, seed: i
     }
 
 
-def _rate(ev: dict[str, Any], key: str) -> str:
-    return f"{ev[key]:.0%}" if key in ev else "-"  # runs from before the shape and background judge
-
-
 def _top_mass(ev: dict[str, Any]) -> str:
     layers = ev.get("attention", {}).get("layers", [])  # runs from before the attention probe: none
     return " / ".join(f"{layer['top10_mass']:.2f}" for layer in layers) or "-"
@@ -109,8 +105,8 @@ def table(root: Path = ROOT) -> str:
         lines.append(
             f"| {r['name']} | {' '.join(r['sets']) or '-'} | {r['steps']} | {r['loss_last_100']:.4f} "
             f"| {a['direction']:.4f} / {b['direction']:.4f} | {a['shape']:.4f} / {b['shape']:.4f} | {a['colour']:.4f} "
-            f"| {ev['direction_rate']:.0%} | {ev['color_rate']:.0%} | {_rate(ev, 'shape_rate')} "
-            f"| {_rate(ev, 'background_rate')} | {ev['frame_diff_ratio']:.2f} | {_top_mass(ev)} "
+            f"| {ev['direction_rate']:.0%} | {ev['color_rate']:.0%} | {rate_cell(ev, 'shape_rate')} "
+            f"| {rate_cell(ev, 'background_rate')} | {ev['frame_diff_ratio']:.2f} | {_top_mass(ev)} "
             f"| {r['train_seconds'] / 60:.1f} |"
         )
     return "\n".join(lines)

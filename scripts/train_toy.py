@@ -81,13 +81,10 @@ class Trainer:
         args = (self.tcfg["seed"], step * 1024, ph["batch"], ph["frames"], ph["height"], ph["width"])
         # the data mix (see dit_accel.toy.data.sample_scene): the train section's, or the phase's own (a curriculum)
         kwargs = {key: ph.get(key, self.tcfg.get(key)) for key in ("two_object_prob", "pan_prob")}
-        for key in ("motion_weights", "speed_range"):  # optional
+        for key in ("motion_weights", "speed_range", "background_variety"):  # optional
             value = ph.get(key, self.tcfg.get(key))
             if value is not None:
-                kwargs[key] = tuple(value)
-        variety = ph.get("background_variety", self.tcfg.get("background_variety"))
-        if variety is not None:
-            kwargs["background_variety"] = variety
+                kwargs[key] = tuple(value) if isinstance(value, list) else value  # JSON lists, strings as they are
         return args, kwargs
 
     def step(self, batch: tuple | None = None) -> None:
